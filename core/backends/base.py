@@ -1,0 +1,66 @@
+"""What every segmentation backend provides, so the core can cache and post-process uniformly.
+
+The core calls, in order: `preprocess` (RGB uint8 -> model input), `encode_image` (the expensive
+part; its tensors are what the cache stores), `encode_text` (one entry per phrase, cached too),
+then `decode` on a batch of phrases. A backend never post-processes masks: it returns
+probabilities at its own mask resolution and the core does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class Detections:
+    """Candidates for one phrase above the score threshold.
+
+    `mask_probs` is ``(K, h, w)`` at the model's mask resolution, covering the whole image;
+    `boxes` is ``(K, 4)`` normalised xyxy; `scores` is ``(K,)`` in [0, 1].
+    """
+
+    mask_probs: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+
+
+@runtime_checkable
+class SegmentationBackend(Protocol):
+    """The interface the core needs from a text-promptable instance segmentation model."""
+
+    name: str
+    """Registry name, e.g. ``"sam3"``; part of every cache key."""
+    model_id: str
+    """Identity of the weights (hub id and revision, or a content digest); part of cache keys."""
+    device: torch.device
+    dtype: torch.dtype
+    input_size: tuple[int, int]
+    """``(height, width)`` the image is resized to; part of cache keys."""
+
+    def preprocess(self, rgb) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 -> a batch of one model input on the backend's device."""
+
+    def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
+        """Run the image encoder; return only what `decode` consumes (this is what is cached)."""
+
+    def encode_text(self, phrases: list[str]) -> list[Tensors]:
+        """Encode phrases; one dict per phrase, each with a leading batch axis of 1."""
+
+    def decode(
+        self,
+        image: Tensors,
+        texts: list[Tensors],
+        threshold: float,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+    ) -> list[Detections]:
+        """Decode several phrases on one image embedding in one batched call.
+
+        `boxes` (``(B, 4)`` normalised xyxy) with `box_labels` (1 positive, 0 negative) are
+        optional visual exemplars shared by every phrase.
+        """

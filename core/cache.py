@@ -1,0 +1,254 @@
+"""Two-tier embedding cache: an in-memory LRU bounded by bytes, then safetensors files on disk.
+
+An image embedding is what the prompt decoder consumes: a small dict of tensors. The key is a
+content hash of the decoded pixels plus everything that changes the embedding (backend, model
+id and revision, dtype, input size, cache format version), so a different precision or model
+never reads another's entry. Disk writes are atomic; a truncated or mismatched file is deleted
+and recomputed with a warning; the disk store is capped in bytes and evicts the least recently
+used files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+DEFAULT_MEMORY_BYTES = 2 * 1024**3
+DEFAULT_DISK_BYTES = 20 * 1024**3
+
+Tensors = dict[str, torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """`PROMPTSEG_CACHE_DIR`, else the platform's user cache directory."""
+    env = os.environ.get("PROMPTSEG_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("promptseg")) / "embeddings"
+
+
+def make_key(**parts: object) -> str:
+    """A stable hex key from named parts (sorted, JSON-encoded, hashed)."""
+    payload = json.dumps({"format": CACHE_FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def tensors_nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class CacheStats:
+    """Hit and miss counters, for tests, benchmarks and the hosts' status lines."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    disk_errors: int = 0
+
+    @property
+    def hits(self) -> int:
+        return self.memory_hits + self.disk_hits
+
+
+class MemoryCache:
+    """An LRU of tensor dicts whose total size stays under `max_bytes`."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, Tensors] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Tensors | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, tensors: Tensors) -> None:
+        size = tensors_nbytes(tensors)
+        with self._lock:
+            if key in self._items:
+                self.nbytes -= self._sizes.pop(key)
+                del self._items[key]
+            if size > self.max_bytes:
+                return
+            self._items[key] = tensors
+            self._sizes[key] = size
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                old_key, _ = self._items.popitem(last=False)
+                self.nbytes -= self._sizes.pop(old_key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._sizes.clear()
+            self.nbytes = 0
+
+
+class DiskCache:
+    """Safetensors files under `root`, one per key, with their key parts in the file's metadata."""
+
+    SUFFIX = ".safetensors"
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_DISK_BYTES) -> None:
+        self.root = Path(root).expanduser()
+        self.max_bytes = int(max_bytes)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{self.SUFFIX}"
+
+    def get(self, key: str, expected: dict[str, str]) -> Tensors | None:
+        """The tensors stored under `key`, or None; a damaged or mismatched file is removed."""
+        from safetensors import safe_open
+
+        path = self.path_for(key)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as exc:  # truncated, garbage, or a half-written file from a crash
+            self._discard(path, f"unreadable ({exc.__class__.__name__}: {exc})")
+            return None
+        mismatched = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
+        expected_names = set(json.loads(metadata.get("tensor_names", "[]")))
+        if mismatched or not tensors or expected_names != set(tensors):
+            self._discard(path, f"does not match what was expected ({mismatched or 'tensor set'})")
+            return None
+        try:
+            os.utime(path)  # recency for LRU eviction
+        except OSError:
+            pass
+        return tensors
+
+    def put(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> None:
+        """Write atomically (temporary file, then rename), then evict down to the size cap."""
+        from safetensors.torch import save_file
+
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        meta = {**metadata, "tensor_names": json.dumps(sorted(cpu))}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=self.SUFFIX)
+        os.close(fd)
+        try:
+            save_file(cpu, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.evict()
+
+    def files(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return [p for p in self.root.glob(f"*/*{self.SUFFIX}") if not p.name.startswith(".tmp-")]
+
+    def size(self) -> int:
+        return sum(_safe_size(p) for p in self.files())
+
+    def evict(self) -> int:
+        """Delete least recently used files until the store fits `max_bytes`; return bytes freed."""
+        files = self.files()
+        total = sum(_safe_size(p) for p in files)
+        freed = 0
+        if total <= self.max_bytes:
+            return 0
+        for path in sorted(files, key=_safe_mtime):
+            if total - freed <= self.max_bytes:
+                break
+            size = _safe_size(path)
+            path.unlink(missing_ok=True)
+            freed += size
+        return freed
+
+    def clear(self) -> int:
+        """Delete every cached file; return how many were removed."""
+        files = self.files()
+        for path in files:
+            path.unlink(missing_ok=True)
+        for tmp in self.root.glob(f"*/.tmp-*{self.SUFFIX}") if self.root.exists() else []:
+            tmp.unlink(missing_ok=True)
+        return len(files)
+
+    def _discard(self, path: Path, why: str) -> None:
+        logger.warning("Embedding cache file %s is %s; deleting it and recomputing.", path, why)
+        path.unlink(missing_ok=True)
+
+
+def _safe_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _safe_mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+class EmbeddingCache:
+    """Memory first, then disk; counts hits and misses. `disk=None` keeps everything in memory."""
+
+    def __init__(self, memory: MemoryCache | None = None, disk: DiskCache | None = None) -> None:
+        self.memory = memory if memory is not None else MemoryCache()
+        self.disk = disk
+        self.stats = CacheStats()
+
+    def get(
+        self, key: str, metadata: dict[str, str], device: torch.device | str = "cpu"
+    ) -> tuple[Tensors | None, str]:
+        """Return ``(tensors, source)``; source is ``"memory"``, ``"disk"`` or ``"miss"``."""
+        tensors = self.memory.get(key)
+        if tensors is not None:
+            self.stats.memory_hits += 1
+            return tensors, "memory"
+        if self.disk is not None:
+            try:
+                tensors = self.disk.get(key, metadata)
+            except OSError as exc:
+                self.stats.disk_errors += 1
+                logger.warning("Cannot read the embedding cache at %s: %s", self.disk.root, exc)
+                tensors = None
+            if tensors is not None:
+                tensors = {name: t.to(device) for name, t in tensors.items()}
+                self.memory.put(key, tensors)
+                self.stats.disk_hits += 1
+                return tensors, "disk"
+        self.stats.misses += 1
+        return None, "miss"
+
+    def put(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> None:
+        self.memory.put(key, tensors)
+        if self.disk is not None:
+            try:
+                self.disk.put(key, tensors, metadata)
+            except OSError as exc:  # a full or read-only disk must not stop segmentation
+                self.stats.disk_errors += 1
+                logger.warning("Cannot write the embedding cache at %s: %s", self.disk.root, exc)

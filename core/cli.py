@@ -1,0 +1,186 @@
+"""The ``promptseg`` command: segment images, check the install, manage the cache.
+
+Adapters add sub-commands (``promptseg fiftyone ...``, ``promptseg labelstudio ...``) through
+the ``promptseg_add_commands`` hook, so this module imports no host package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from promptseg.errors import PromptsegError
+
+logger = logging.getLogger("promptseg")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptseg",
+        description="Type what you want segmented, get every instance of it as a mask (SAM 3).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    seg = sub.add_parser("segment", help="segment images with text prompts",
+                         description="Segment every instance of each prompt in each image.")
+    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, tif, ...)")
+    seg.add_argument("-p", "--prompt", dest="prompts", action="append", required=True,
+                     metavar="PROMPT", help="a noun phrase, e.g. 'red car'; repeat for several")
+    seg.add_argument("--out", type=Path, default=Path("promptseg-out"), help="output directory (default: %(default)s)")
+    seg.add_argument("--format", choices=["png", "coco", "json"], default="png",
+                     help="png: instance-label PNG + overlay PNG per image; coco: one COCO results "
+                     "file; json: one JSON per image (default: %(default)s)")
+    add_model_options(seg)
+    add_segment_options(seg)
+    seg.set_defaults(func=run_segment)
+
+    doctor = sub.add_parser("doctor", help="check the install and run a tiny model end to end")
+    doctor.add_argument("--model", default=None, help="model to check (default: PROMPTSEG_MODEL or facebook/sam3)")
+    doctor.set_defaults(func=run_doctor)
+
+    cache = sub.add_parser("cache", help="show or clear the embedding cache")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: PROMPTSEG_CACHE_DIR or the user cache dir)")
+    cache.set_defaults(func=run_cache)
+
+    from promptseg.plugins import plugin_manager
+
+    plugin_manager().hook.promptseg_add_commands(subparsers=sub)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and place the model; shared with adapters' commands."""
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: PROMPTSEG_MODEL or facebook/sam3)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
+    parser.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
+
+
+def add_segment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum instance score (default: %(default)s)")
+    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut (default: %(default)s)")
+    parser.add_argument("--min-area", type=int, default=0, help="drop masks smaller than this many pixels")
+    parser.add_argument("--smooth", type=int, default=0, help="close each mask with a disc of this radius (pixels)")
+    parser.add_argument("--max-instances", type=int, default=None, help="keep at most this many instances per image")
+
+
+def load_from_args(args: argparse.Namespace):
+    from promptseg.segmenter import load_segmenter
+
+    cache_dir = False if getattr(args, "no_cache", False) else args.cache_dir
+    return load_segmenter(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_dir)
+
+
+def segment_options(args: argparse.Namespace) -> dict:
+    return {
+        "threshold": args.threshold,
+        "mask_threshold": args.mask_threshold,
+        "min_area": args.min_area,
+        "smooth": args.smooth,
+        "max_instances": args.max_instances,
+    }
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from promptseg.errors import ImageError
+    from promptseg.images import load_image
+    from promptseg.render import overlay, save_png
+
+    segmenter = load_from_args(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = segment_options(args)
+    coco_images, coco_annotations, categories, failed = [], [], {}, []
+    for prompt in args.prompts:
+        categories.setdefault(" ".join(prompt.split()), len(categories) + 1)
+    bar = tqdm(args.images, desc="Segmenting", unit="image", disable=None)
+    for index, path in enumerate(bar):
+        bar.set_postfix_str(Path(path).name)
+        try:
+            rgb = load_image(path)
+            result = segmenter.segment(rgb, args.prompts, **options)
+        except ImageError as exc:
+            failed.append(path)
+            tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
+            continue
+        stem = args.out / Path(path).stem
+        if args.format == "png":
+            save_png(result.to_label_image(dtype="uint16" if len(result) < 65536 else "int32"), f"{stem}.labels.png")
+            save_png(overlay(rgb, result), f"{stem}.overlay.png")
+        elif args.format == "json":
+            record = result.to_dict()
+            record["source"] = str(path)
+            Path(f"{stem}.json").write_text(json.dumps(record, indent=1))
+        else:
+            height, width = result.image_size
+            coco_images.append({"id": index + 1, "file_name": str(path), "height": height, "width": width})
+            for record in result.to_coco(image_id=index + 1, category_ids=categories):
+                record.pop("category_name")
+                record["id"] = len(coco_annotations) + 1
+                coco_annotations.append(record)
+        tqdm.write(f"{path}: {len(result)} instance(s) "
+                   f"[embedding {result.embedding_source}]", file=sys.stderr)
+    if args.format == "coco":
+        coco = {
+            "images": coco_images,
+            "annotations": coco_annotations,
+            "categories": [{"id": i, "name": n} for n, i in categories.items()],
+        }
+        (args.out / "results.coco.json").write_text(json.dumps(coco))
+    print(f"Wrote results for {len(args.images) - len(failed)} image(s) to {args.out}")
+    if failed:
+        print(f"{len(failed)} image(s) could not be read: {', '.join(map(str, failed))}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from promptseg.cache import DiskCache, default_cache_dir
+
+    disk = DiskCache(args.cache_dir or default_cache_dir())
+    if args.action == "info":
+        files = disk.files()
+        size = sum(p.stat().st_size for p in files)
+        print(f"Embedding cache: {disk.root}")
+        print(f"  {len(files)} embedding(s), {size / 1024**2:.1f} MiB")
+        return EXIT_OK
+    removed = disk.clear()
+    print(f"Removed {removed} embedding(s) from {disk.root}")
+    return EXIT_OK
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from promptseg.doctor import run_checks
+
+    return EXIT_OK if run_checks(args.model) else EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return args.func(args)
+    except PromptsegError as exc:
+        print(f"promptseg: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("promptseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`load_segmenter` and `Segmenter`: the public API every adapter calls.
+
+Flow, one way: image -> RGB pixels -> image embedding (memory cache, disk cache, else the
+encoder) -> text embeddings (cached per phrase) -> batched prompt decoding -> lean mask
+post-processing -> `SegmentationResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptseg.cache import (
+    DEFAULT_DISK_BYTES,
+    DEFAULT_MEMORY_BYTES,
+    DiskCache,
+    EmbeddingCache,
+    MemoryCache,
+    default_cache_dir,
+    make_key,
+)
+from promptseg.device import dtype_name, resolve_device, resolve_dtype
+from promptseg.errors import CancelledError, ImageError, OptionError, PromptsegError
+from promptseg.images import load_image, pixel_hash
+from promptseg.masks import instances_from_probs, postprocess
+from promptseg.results import SegmentationResult, ensure_prompt_list
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/sam3"
+Progress = Callable[[int, int], None]
+"""``progress(total, advance)``: called once with ``advance=0`` to announce the total, then per unit."""
+CancelCheck = Callable[[], bool]
+
+
+def default_model() -> str:
+    """`PROMPTSEG_MODEL` when set, else ``facebook/sam3``: the model used when none is named."""
+    return os.environ.get("PROMPTSEG_MODEL") or DEFAULT_MODEL
+
+
+@dataclass
+class EncoderStats:
+    """How often each model stage ran: the proof that caching works."""
+
+    image_encoder_runs: int = 0
+    text_encoder_runs: int = 0
+    decoder_runs: int = 0
+
+
+def load_segmenter(
+    model: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike | None | bool = None,
+    *,
+    backend: str | None = None,
+    memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
+    disk_cache_bytes: int = DEFAULT_DISK_BYTES,
+    prompt_batch_size: int = 8,
+    **backend_options: Any,
+) -> Segmenter:
+    """Load a model and return a `Segmenter` that caches image embeddings.
+
+    `model` is a hub id or a local directory (default: `PROMPTSEG_MODEL`, else
+    ``facebook/sam3``). `device` is ``"auto"`` (CUDA, MPS, CPU) or a torch device; `dtype` is
+    ``"auto"`` (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+    `cache_dir` is the disk cache (default `PROMPTSEG_CACHE_DIR` or the user cache dir;
+    ``False`` for memory only). `backend` forces a registered backend by name.
+    """
+    from promptseg.plugins import registry
+
+    model = model or default_model()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if prompt_batch_size < 1:
+        raise OptionError(f"prompt_batch_size must be at least 1, got {prompt_batch_size}.")
+    spec = registry().segmenter_for(str(model), backend)
+    logger.info("Loading %s with backend %s on %s (%s)", model, spec.name, torch_device, dtype_name(torch_dtype))
+    loaded = spec.load(str(model), device=torch_device, dtype=torch_dtype, **backend_options)
+    disk = None
+    if cache_dir is not False:
+        disk = DiskCache(Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir(), disk_cache_bytes)
+    cache = EmbeddingCache(MemoryCache(memory_cache_bytes), disk)
+    return Segmenter(loaded, cache, prompt_batch_size=prompt_batch_size, model_name=str(model))
+
+
+class Segmenter:
+    """A loaded model plus its caches. Thread-safe: calls are serialised on one lock.
+
+    Use `segment` for one image and `segment_batch` for many. Every further prompt on an image
+    seen before (in this process, or in an earlier one sharing the disk cache) skips the image
+    encoder.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        cache: EmbeddingCache | None = None,
+        prompt_batch_size: int = 8,
+        model_name: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.text_cache = MemoryCache(256 * 1024**2)
+        self.prompt_batch_size = prompt_batch_size
+        self.model_name = model_name or backend.model_id
+        self.stats = EncoderStats()
+        self._lock = threading.RLock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    def describe(self) -> dict[str, str]:
+        """What produced a result, for the run records the hosts keep."""
+        return {
+            "model": self.model_name,
+            "model_id": self.backend.model_id,
+            "backend": self.backend.name,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+        }
+
+    def segment(
+        self,
+        image: Any,
+        prompts: str | Sequence[str],
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        min_area: int = 0,
+        smooth: int = 0,
+        max_instances: int | None = None,
+        *,
+        iou_threshold: float | None = 0.7,
+        cross_prompt_iou: float | None = 0.9,
+        exemplars: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
+    ) -> SegmentationResult:
+        """Find every instance of each prompt in `image`.
+
+        `image` is a path, PIL image or array (HxW or HxWxC, uint8/uint16/int/float).
+        `threshold` keeps instances whose score (detection x presence) is above it;
+        `mask_threshold` binarises mask probabilities; `min_area` drops smaller masks (pixels);
+        `smooth` closes each mask with a disc of that radius; `max_instances` keeps the best N.
+        Duplicates are removed by mask-IoU NMS within a prompt (`iou_threshold`) and across
+        prompts (`cross_prompt_iou`); ``None`` turns either off. `exemplars` are pixel xyxy
+        boxes of example objects (label 1) or counter-examples (label 0).
+        """
+        phrases = ensure_prompt_list(prompts)
+        _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
+        rgb = load_image(image)
+        source = str(image) if isinstance(image, (str, os.PathLike)) else None
+        with self._lock:
+            features, origin = self.embed(rgb)
+            raw = self._decode(features, phrases, threshold, mask_threshold, rgb.shape[:2], exemplars, exemplar_labels)
+        instances = postprocess(
+            raw, rgb.shape[:2], smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
+            cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,
+        )
+        return SegmentationResult(
+            instances=instances, image_size=rgb.shape[:2], prompts=phrases,
+            embedding_source=origin, source=source,
+        )
+
+    def segment_batch(
+        self,
+        images: Iterable[Any],
+        prompts: str | Sequence[str],
+        *,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+        skip_errors: bool = True,
+        **options: Any,
+    ) -> Iterator[SegmentationResult]:
+        """Segment many images with the same prompts, yielding one result per image in order.
+
+        With `skip_errors` (the default) an image that cannot be read yields a result whose
+        `error` names the problem and whose `instances` is empty, and the run goes on; setup
+        errors (bad prompt or option) are raised at once. `progress(total, advance)` and
+        `cancel()` let hosts show progress and stop between images.
+        """
+        phrases = ensure_prompt_list(prompts)
+        images = list(images) if not isinstance(images, list) else images
+        if progress:
+            progress(len(images), 0)
+        for image in images:
+            if cancel is not None and cancel():
+                raise CancelledError("Segmentation was cancelled.")
+            try:
+                yield self.segment(image, phrases, **options)
+            except ImageError as exc:
+                if not skip_errors:
+                    raise
+                logger.warning("Skipping %s: %s", image if isinstance(image, (str, os.PathLike)) else "image", exc)
+                yield SegmentationResult(
+                    instances=[], image_size=(0, 0), prompts=phrases,
+                    source=str(image) if isinstance(image, (str, os.PathLike)) else None,
+                    error=str(exc),
+                )
+            if progress:
+                progress(len(images), 1)
+
+    def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
+        """The image embedding of RGB pixels and where it came from (memory, disk or computed)."""
+        key, key_parts = self._embedding_key(rgb)
+        with self._lock:
+            features, origin = self.cache.get(key, key_parts, self.device)
+            if features is not None:
+                return features, origin
+            features = self.backend.encode_image(self.backend.preprocess(rgb))
+            self.stats.image_encoder_runs += 1
+            self.cache.put(key, features, key_parts)
+            return features, "computed"
+
+    def is_cached(self, image: Any) -> bool:
+        """Whether `image`'s embedding is in the memory or disk cache (does not compute it)."""
+        key, _ = self._embedding_key(load_image(image))
+        if self.cache.memory.get(key) is not None:
+            return True
+        return self.cache.disk is not None and self.cache.disk.path_for(key).exists()
+
+    def _embedding_key(self, rgb: np.ndarray) -> tuple[str, dict[str, str]]:
+        """Everything that changes an embedding: backend, weights, precision, input size, pixels."""
+        parts = {
+            "backend": self.backend.name,
+            "model": self.backend.model_id,
+            "dtype": dtype_name(self.dtype),
+            "input_size": "x".join(map(str, self.backend.input_size)),
+            "pixels": pixel_hash(rgb),
+        }
+        return make_key(**parts), parts
+
+    def text_embeddings(self, phrases: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Text embeddings per phrase, encoding only the phrases not seen before."""
+        with self._lock:
+            prefix = f"{self.backend.name}|{self.backend.model_id}|{dtype_name(self.dtype)}|"
+            missing = [p for p in phrases if self.text_cache.get(prefix + p) is None]
+            if missing:
+                for phrase, tensors in zip(missing, self.backend.encode_text(missing)):
+                    self.text_cache.put(prefix + phrase, tensors)
+                self.stats.text_encoder_runs += 1
+            return [self.text_cache.get(prefix + p) or self.backend.encode_text([p])[0] for p in phrases]
+
+    def _decode(self, features, phrases, threshold, mask_threshold, image_size, exemplars, exemplar_labels):
+        boxes = labels = None
+        if exemplars is not None and len(exemplars):
+            boxes, labels = _normalise_exemplars(exemplars, exemplar_labels, image_size)
+        texts = self.text_embeddings(phrases)
+        instances = []
+        for start in range(0, len(phrases), self.prompt_batch_size):
+            chunk = phrases[start : start + self.prompt_batch_size]
+            detections = self.backend.decode(
+                features, texts[start : start + self.prompt_batch_size], threshold, boxes, labels
+            )
+            self.stats.decoder_runs += 1
+            for phrase, found in zip(chunk, detections):
+                instances += instances_from_probs(
+                    found.mask_probs, found.scores, found.boxes, phrase, image_size, mask_threshold
+                )
+        return instances
+
+
+def _normalise_exemplars(exemplars, labels, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    height, width = image_size
+    boxes = torch.as_tensor(np.asarray(exemplars, dtype=np.float32).reshape(-1, 4))
+    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        raise OptionError("Exemplar boxes must be pixel (x0, y0, x1, y1) with x1 > x0 and y1 > y0.")
+    boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = boxes.clamp(0, 1)
+    if labels is None:
+        label_tensor = torch.ones(len(boxes), dtype=torch.long)
+    else:
+        label_tensor = torch.as_tensor(list(labels), dtype=torch.long)
+        if label_tensor.shape != (len(boxes),) or not torch.isin(label_tensor, torch.tensor([0, 1])).all():
+            raise OptionError("exemplar_labels needs one 1 (positive) or 0 (negative) per exemplar box.")
+    return boxes, label_tensor
+
+
+def _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou):
+    def unit(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise OptionError(f"{name} must be a number between 0 and 1, got {value!r}.")
+
+    unit("threshold", threshold)
+    unit("mask_threshold", mask_threshold)
+    if mask_threshold in (0, 1):
+        raise OptionError("mask_threshold must be strictly between 0 and 1 (0.5 is usual).")
+    unit("iou_threshold", iou_threshold, allow_none=True)
+    unit("cross_prompt_iou", cross_prompt_iou, allow_none=True)
+    for name, value in (("min_area", min_area), ("smooth", smooth)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise OptionError(f"{name} must be a whole number of pixels >= 0, got {value!r}.")
+    if max_instances is not None and (not isinstance(max_instances, (int, np.integer)) or max_instances < 1):
+        raise OptionError(f"max_instances must be None or a whole number >= 1, got {max_instances!r}.")
+
+
+__all__ = ["DEFAULT_MODEL", "Segmenter", "load_segmenter", "default_model", "PromptsegError"]

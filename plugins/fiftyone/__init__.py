@@ -1,0 +1,1 @@
+"""promptseg adapter for fiftyone."""

@@ -1,0 +1,1 @@
+"""`promptseg fiftyone ...` sub-commands (registered through the promptseg_add_commands hook)."""

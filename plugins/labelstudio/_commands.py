@@ -1,0 +1,1 @@
+"""`promptseg labelstudio ...` sub-commands (registered through the promptseg_add_commands hook)."""
