@@ -1,0 +1,151 @@
+"""What a project's labeling config asks for: which image, which region types, which prompts.
+
+Parsed with label-studio-sdk's `LabelInterface`. Supported: ``BrushLabels``, ``PolygonLabels``
+and ``RectangleLabels`` on an ``Image``, and a generic ``Labels`` paired with ``Brush``,
+``Polygon`` or ``Rectangle`` on the same image. A ``TextArea`` on the image is the interactive
+prompt box. Each label is prompted by its ``hint`` attribute when present, else its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from promptseg.errors import PromptsegError
+
+GEOMETRY = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
+LABELED = {v: k for k, v in GEOMETRY.items()}
+PROMPT_ATTRIBUTES = ("hint", "prompt")
+
+
+class LabelingConfigError(PromptsegError):
+    """The labeling config has nothing promptseg can fill in."""
+
+
+class PromptMatchError(PromptsegError):
+    """A typed prompt names none of the project's labels."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One control to fill: regions of `result_type` (e.g. ``brushlabels``) from `from_name` on `to_name`."""
+
+    from_name: str
+    to_name: str
+    result_type: str
+    labels: tuple[str, ...]
+
+    @property
+    def geometry(self) -> str:
+        return LABELED[self.result_type]
+
+
+@dataclass(frozen=True)
+class LabelingPlan:
+    """The image object, the outputs on it, the prompt of each label and the prompt box (if any)."""
+
+    image_name: str
+    value_key: str
+    outputs: tuple[Output, ...]
+    prompts: dict[str, str] = field(default_factory=dict)
+    textareas: tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.prompts)
+
+    def batch_prompts(self) -> tuple[list[str], dict[str, str]]:
+        """Prompt phrases for pre-annotation and, for each phrase, the label it fills."""
+        phrase_to_label: dict[str, str] = {}
+        for label, phrase in self.prompts.items():
+            phrase_to_label.setdefault(_normalise(phrase), label)
+        return list(phrase_to_label), phrase_to_label
+
+    def label_for_prompt(self, text: str) -> tuple[str, str]:
+        """Map a typed prompt to ``(label, phrase)``.
+
+        ``"label: description"`` picks the label explicitly; otherwise a prompt equal to a label
+        or its hint, then a prompt containing a label name (longest wins), then the only label.
+        """
+        text = _normalise(text)
+        if not text:
+            raise PromptMatchError("The prompt is empty: type what to segment, e.g. one of " + self._label_list())
+        lowered = {label.lower(): label for label in self.prompts}
+        head, sep, tail = text.partition(":")
+        if sep and head.strip().lower() in lowered and tail.strip():
+            return lowered[head.strip().lower()], tail.strip()
+        for label, phrase in self.prompts.items():
+            if text.lower() in (label.lower(), phrase.lower()):
+                return label, text
+        contained = [
+            label for label in self.prompts
+            if re.search(r"(?<!\w)" + re.escape(label.lower()) + r"(?!\w)", text.lower())
+        ]
+        if contained:
+            return max(contained, key=len), text
+        if len(self.prompts) == 1:
+            return next(iter(self.prompts)), text
+        raise PromptMatchError(
+            f"The prompt {text!r} names none of the labels {self._label_list()}: include a label name, "
+            "or type 'label: description' (e.g. 'car: red car')."
+        )
+
+    def _label_list(self) -> str:
+        return "[" + ", ".join(self.prompts) + "]"
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@lru_cache(maxsize=64)
+def parse_labeling_config(config: str) -> LabelingPlan:
+    """Read a labeling config (XML string) into a `LabelingPlan`; cached, configs repeat."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    if not isinstance(config, str) or not config.strip():
+        raise LabelingConfigError("The request has no labeling config ('label_config' or 'schema').")
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises lxml and its own errors alike
+        raise LabelingConfigError(f"The labeling config cannot be parsed: {exc}") from exc
+    images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
+    if not images:
+        raise LabelingConfigError(
+            "The labeling config has no <Image> tag: promptseg segments images. "
+            'Add e.g. <Image name="image" value="$image"/>.'
+        )
+    controls = list(interface.controls)
+    outputs: list[Output] = []
+    for control in controls:
+        tag = control.tag.lower()
+        targets = [name for name in control.to_name or [] if name in images]
+        if tag in LABELED and targets:
+            outputs.append(Output(control.name, targets[0], tag, tuple(control.labels)))
+        elif tag == "labels" and targets:
+            for geometry in controls:
+                if geometry.tag.lower() in GEOMETRY and targets[0] in (geometry.to_name or []):
+                    outputs.append(Output(control.name, targets[0], GEOMETRY[geometry.tag.lower()], tuple(control.labels)))
+    outputs = [o for o in outputs if o.labels]
+    if not outputs:
+        raise LabelingConfigError(
+            "The labeling config has no BrushLabels, PolygonLabels or RectangleLabels (or Labels with "
+            "Brush/Polygon/Rectangle) with at least one <Label> on an <Image>: promptseg has nothing to fill in."
+        )
+    image_name = outputs[0].to_name
+    outputs = [o for o in outputs if o.to_name == image_name]
+    value = images[image_name].value or ""
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelingConfigError(f'The <Image name="{image_name}"> needs value="$field" naming the task field with the image URL.')
+    prompts: dict[str, str] = {}
+    for control in controls:
+        if control.name not in {o.from_name for o in outputs}:
+            continue
+        for label, tag in (control.labels_attrs or {}).items():
+            hint = next((tag.attr.get(a) for a in PROMPT_ATTRIBUTES if tag.attr.get(a)), None)
+            prompts.setdefault(label, _normalise(hint or label))
+    textareas = tuple(
+        c.name for c in controls if c.tag.lower() == "textarea" and image_name in (c.to_name or [])
+    )
+    return LabelingPlan(image_name, value[1:], tuple(outputs), prompts, textareas)

@@ -1,0 +1,199 @@
+"""`PromptsegModel`: the ML backend's model class, with Label Studio's ``setup``/``predict`` shape.
+
+One instance per process holds the segmenter (model weights and embedding caches) and each
+project's settings from ``/setup``. A second prompt on an image reuses its cached embedding, so
+interactive prompts after the first cost only the prompt decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from promptseg.errors import ImageError, OptionError, PromptsegError
+from promptseg_labelstudio.config import BackendConfig, check_base_url
+from promptseg_labelstudio.fetch import ImageFetcher, host_entry
+from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
+from promptseg_labelstudio.regions import regions_for
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_PARAMS = {
+    "threshold": float, "mask_threshold": float, "min_area": int, "smooth": int, "max_instances": int,
+}
+EXTRA_PARAMS = {**SEGMENT_PARAMS, "polygon_tolerance": float}
+
+
+@dataclass
+class ProjectSettings:
+    """What ``/setup`` told us about one project."""
+
+    hostname: str | None = None
+    access_token: str | None = None
+    params: dict | None = None
+
+
+class PromptsegModel:
+    """Pre-annotates images with promptseg: label names (or hints) in batch, typed prompts interactively."""
+
+    def __init__(self, config: BackendConfig | None = None, segmenter: Any = None) -> None:
+        import promptseg
+
+        self.config = config or BackendConfig.from_env()
+        self.segmenter = segmenter or promptseg.load_segmenter(
+            self.config.model, device=self.config.device, dtype=self.config.dtype, cache_dir=self.config.cache_dir,
+        )
+        name = Path(str(self.segmenter.model_name).rstrip("/")).name or "model"
+        self.model_version = f"promptseg-{promptseg.__version__}-{name}"
+        self.download_dir = self.config.download_dir or Path(tempfile.mkdtemp(prefix="promptseg-ls-"))
+        self._projects: dict[str, ProjectSettings] = {}
+        self._lock = threading.Lock()
+        self._fetchers: dict[tuple[str | None, str | None], ImageFetcher] = {}
+
+    # -- Label Studio's calls ---------------------------------------------------------------
+    def setup(self, project: str, schema: str, hostname: str | None = None,
+              access_token: str | None = None, extra_params: Any = None) -> dict:
+        """Check the project's config and remember its host, token and extra params."""
+        parse_labeling_config(schema)
+        params = self._check_extra_params(extra_params)
+        if hostname:
+            hostname = check_base_url(hostname, "The hostname sent by /setup")
+            configured = self.config.label_studio_url
+            if configured and host_entry(configured) != host_entry(hostname):
+                logger.warning("Ignoring /setup hostname %s: LABEL_STUDIO_URL pins %s", hostname, configured)
+                hostname = None
+        with self._lock:
+            self._projects[_project_key(project)] = ProjectSettings(hostname, access_token or None, params)
+        return {"model_version": self.model_version}
+
+    def predict(self, tasks: list[dict], label_config: str, project: str | None = None,
+                context: dict | None = None) -> list[dict]:
+        """One prediction per task, in order; a task that fails gets ``{"error": ...}`` instead."""
+        plan = parse_labeling_config(label_config)
+        settings = self._settings(project)
+        options = self._segment_options(settings.params)
+        tolerance = float((settings.params or {}).get("polygon_tolerance", 0.0))
+        fetcher = self._fetcher(settings)
+        typed = typed_prompt(context, plan) if context else None
+        predictions = []
+        for task in tasks:
+            task_id = task.get("id") if isinstance(task, dict) else None
+            try:
+                predictions.append(self._predict_task(task, plan, fetcher, options, tolerance, typed, context))
+            except PromptsegError as exc:
+                logger.warning("Task %s: %s", task_id, exc)
+                predictions.append(self._failed(task_id, str(exc)))
+            except Exception as exc:  # one broken task must not fail its neighbours or the server
+                logger.exception("Task %s failed unexpectedly", task_id)
+                predictions.append(self._failed(task_id, f"unexpected {type(exc).__name__}: {exc}"))
+        return predictions
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _failed(self, task_id: Any, message: str) -> dict:
+        """A failed task: no ``result`` key, so Label Studio logs it and stores no empty prediction."""
+        return {"error": f"task {task_id}: {message}", "task": task_id, "model_version": self.model_version}
+
+    def _predict_task(self, task, plan: LabelingPlan, fetcher, options, tolerance, typed, context) -> dict:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise ImageError("A task must be an object with a 'data' object.")
+        reference = task["data"].get(plan.value_key)
+        if reference is None:
+            raise ImageError(f"The task has no {plan.value_key!r} field, which the labeling config's <Image> reads.")
+        path = fetcher.fetch(reference, task.get("id"))
+        if context:
+            if typed is None:
+                raise PromptMatchError(
+                    "Interactive request without a typed prompt: type what to segment in the "
+                    + (f"TextArea {plan.textareas[0]!r}" if plan.textareas else "prompt TextArea (add one to the config)")
+                )
+            label, phrase = plan.label_for_prompt(typed)
+            result = self.segmenter.segment(path, [phrase], **options)
+            regions = regions_for(result, plan.outputs, lambda inst: label, tolerance)
+        else:
+            phrases, phrase_to_label = plan.batch_prompts()
+            result = self.segmenter.segment(path, phrases, **options)
+            regions = regions_for(result, plan.outputs, lambda inst: phrase_to_label.get(inst.label), tolerance)
+        scores = [inst.score for inst in result.instances]
+        return {
+            "result": regions,
+            "score": float(max(scores)) if scores else 0.0,
+            "model_version": self.model_version,
+        }
+
+    def _settings(self, project: str | None) -> ProjectSettings:
+        with self._lock:
+            return self._projects.get(_project_key(project)) or ProjectSettings()
+
+    def _fetcher(self, settings: ProjectSettings) -> ImageFetcher:
+        url = self.config.label_studio_url or settings.hostname
+        token = self.config.api_key or settings.access_token
+        with self._lock:
+            fetcher = self._fetchers.get((url, token))
+            if fetcher is None:
+                fetcher = ImageFetcher(url, token, self.config.allowed_hosts, self.config.document_root, self.download_dir)
+                self._fetchers[(url, token)] = fetcher
+            return fetcher
+
+    def _segment_options(self, params: dict | None) -> dict:
+        options = {"threshold": self.config.threshold}
+        options.update({k: v for k, v in (params or {}).items() if k in SEGMENT_PARAMS})
+        return options
+
+    def _check_extra_params(self, extra: Any) -> dict:
+        if extra in (None, "", {}):
+            return {}
+        if isinstance(extra, str):
+            import json
+
+            try:
+                extra = json.loads(extra)
+            except ValueError:
+                raise OptionError(f"Extra params must be a JSON object, got {extra!r}.") from None
+        if not isinstance(extra, dict):
+            raise OptionError(f"Extra params must be a JSON object such as {{\"threshold\": 0.3}}, got {extra!r}.")
+        params = {}
+        for key, value in extra.items():
+            if key not in EXTRA_PARAMS:
+                logger.info("Ignoring unknown extra param %r (known: %s)", key, ", ".join(EXTRA_PARAMS))
+                continue
+            if value is None:
+                continue
+            try:
+                params[key] = EXTRA_PARAMS[key](value)
+            except (TypeError, ValueError):
+                raise OptionError(f"Extra param {key!r} must be a number, got {value!r}.") from None
+        if params.get("polygon_tolerance", 0) < 0:
+            raise OptionError("Extra param 'polygon_tolerance' must be >= 0 (pixels; 0 keeps every contour vertex).")
+        from promptseg.segmenter import _check_options
+
+        merged = {"threshold": self.config.threshold, "mask_threshold": 0.5, "min_area": 0, "smooth": 0,
+                  "max_instances": None, **{k: v for k, v in params.items() if k in SEGMENT_PARAMS}}
+        _check_options(merged["threshold"], merged["mask_threshold"], merged["min_area"], merged["smooth"],
+                       merged["max_instances"], 0.7, 0.9)
+        return params
+
+
+def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:
+    """The text typed in the config's TextArea (the last one), from an interactive request's context."""
+    if not isinstance(context, dict):
+        return None
+    texts = []
+    for item in context.get("result") or []:
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "textarea":
+            continue
+        if plan.textareas and item.get("from_name") not in plan.textareas:
+            continue
+        value = (item.get("value") or {}).get("text")
+        if isinstance(value, str):
+            value = [value]
+        texts += [t for t in value or [] if isinstance(t, str) and t.strip()]
+    return texts[-1] if texts else None
+
+
+def _project_key(project: Any) -> str:
+    """Label Studio sends ``"<id>.<created timestamp>"``: the id part names the project."""
+    return str(project).split(".", 1)[0] if project is not None else ""
