@@ -29,9 +29,10 @@ from promptseg.cache import (
 )
 from promptseg.device import dtype_name, resolve_device, resolve_dtype
 from promptseg.errors import CancelledError, ImageError, OptionError, PromptsegError
-from promptseg.images import load_image, pixel_hash
+from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
+from promptseg.tiling import resolve_tiling, segment_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,12 @@ class Segmenter:
         cross_prompt_iou: float | None = 0.9,
         exemplars: Sequence[Sequence[float]] | None = None,
         exemplar_labels: Sequence[int] | None = None,
+        tile: int | str | None = None,
+        overlap: int | None = None,
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        channels: Sequence[int] | None = None,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
     ) -> SegmentationResult:
         """Find every instance of each prompt in `image`.
 
@@ -157,14 +164,35 @@ class Segmenter:
         Duplicates are removed by mask-IoU NMS within a prompt (`iou_threshold`) and across
         prompts (`cross_prompt_iou`); ``None`` turns either off. `exemplars` are pixel xyxy
         boxes of example objects (label 1) or counter-examples (label 0).
+
+        Large images: `tile` (pixels, ``"auto"`` or None) splits the image into tiles overlapping
+        by `overlap` pixels (default tile // 8), each embedded and cached on its own, and stitches
+        objects cut by tile borders (see `promptseg.tiling`). Scientific pixels: `percentiles`
+        (low, high) map non-uint8 values to 0..255; `channels` picks up to three channels as RGB.
+        `progress(total, advance)` is told the number of tiles (1 untiled) and each one done;
+        `cancel()` is checked before each, raising `CancelledError`.
         """
         phrases = ensure_prompt_list(prompts)
         _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
-        rgb = load_image(image)
+        rgb = load_image(image, percentiles=percentiles, channels=channels)
         source = str(image) if isinstance(image, (str, os.PathLike)) else None
+        grid = resolve_tiling(tile, overlap, rgb.shape[:2], self.backend.input_size)
+        if grid is not None:
+            return segment_tiled(
+                self, rgb, phrases, tile=grid[0], overlap=grid[1], threshold=threshold,
+                mask_threshold=mask_threshold, min_area=min_area, smooth=smooth, max_instances=max_instances,
+                iou_threshold=iou_threshold, cross_prompt_iou=cross_prompt_iou, exemplars=exemplars,
+                exemplar_labels=exemplar_labels, progress=progress, cancel=cancel, source=source,
+            )
+        if cancel is not None and cancel():
+            raise CancelledError("Segmentation was cancelled.")
+        if progress:
+            progress(1, 0)
         with self._lock:
             features, origin = self.embed(rgb)
             raw = self._decode(features, phrases, threshold, mask_threshold, rgb.shape[:2], exemplars, exemplar_labels)
+        if progress:
+            progress(1, 1)
         instances = postprocess(
             raw, rgb.shape[:2], smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
             cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,

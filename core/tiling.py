@@ -1,0 +1,350 @@
+"""Tiled segmentation of large images: a grid of overlapping tiles, one embedding per tile, stitching.
+
+SAM 3 resizes whatever it gets to its input size (1008x1008), so on a 10k-pixel slide a cell
+shrinks to a pixel. Tiling runs each tile at the model's own resolution. Each tile goes through
+the segmenter's normal path (`Segmenter.embed`, so its embedding is cached under a content hash
+of the tile's pixels, then prompt decoding). Tile instances are kept as compact crops in image
+coordinates; pieces of one object seen by neighbouring tiles are joined where their masks agree
+inside the shared overlap (union-find), and each pixel of a joined object is taken from the tile
+whose centre is nearest (the tile that saw it with the most context). No full-size array per
+instance is ever made; memory grows with the objects found, not with the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from promptseg.errors import CancelledError, OptionError
+from promptseg.masks import mask_nms, postprocess, tight_box
+from promptseg.results import Instance, SegmentationResult
+
+if TYPE_CHECKING:
+    from promptseg.segmenter import Segmenter
+
+logger = logging.getLogger(__name__)
+
+AUTO_FACTOR = 1.5
+"""`tile="auto"` tiles an image whose long side is more than this many model inputs."""
+DEFAULT_MERGE_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: pixel rows ``y0:y1`` and columns ``x0:x1`` of the image, at grid ``(row, col)``."""
+
+    index: int
+    row: int
+    col: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.y0 + self.y1) / 2, (self.x0 + self.x1) / 2
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile start offsets along one axis: stride ``tile - overlap``, the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    starts = [min(i * (tile - overlap), length - tile) for i in range(count)]
+    return sorted(set(starts))
+
+
+def tile_grid(image_size: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
+    """Row-major tiles of at most ``tile x tile`` pixels covering the image, overlapping by >= `overlap`."""
+    height, width = image_size
+    rows, cols = _starts(height, tile, overlap), _starts(width, tile, overlap)
+    tiles = []
+    for r, y0 in enumerate(rows):
+        for c, x0 in enumerate(cols):
+            tiles.append(Tile(len(tiles), r, c, y0, min(y0 + tile, height), x0, min(x0 + tile, width)))
+    return tiles
+
+
+def resolve_tiling(
+    tile: int | str | None, overlap: int | None, image_size: tuple[int, int], input_size: tuple[int, int]
+) -> tuple[int, int] | None:
+    """Check `tile`/`overlap` and return ``(tile, overlap)`` in pixels, or None for no tiling.
+
+    ``"auto"`` tiles at the model's input size when the image's long side exceeds
+    `AUTO_FACTOR` model inputs (smaller images lose little by being resized once).
+    The default overlap is an eighth of the tile.
+    """
+    if tile is None or tile is False:
+        return None
+    if isinstance(tile, str):
+        if tile != "auto":
+            raise OptionError(f"tile must be a number of pixels, 'auto' or None, got {tile!r}.")
+        side = max(input_size)
+        if max(image_size) <= AUTO_FACTOR * side:
+            return None
+        tile = side
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 16:
+        raise OptionError(f"tile must be at least 16 pixels (or 'auto' or None), got {tile!r}.")
+    tile = int(tile)
+    if overlap is None:
+        overlap = max(1, tile // 8)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 1 <= overlap < tile // 2 + 1:
+        raise OptionError(
+            f"overlap must be between 1 and half the tile ({tile // 2}) pixels, got {overlap!r}: "
+            "pieces of an object cut by a tile border are joined where they overlap."
+        )
+    return tile, int(overlap)
+
+
+@dataclass
+class _Piece:
+    """An instance found in one tile, already in image coordinates."""
+
+    instance: Instance
+    tile: Tile
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+def segment_tiled(
+    segmenter: Segmenter,
+    rgb: np.ndarray,
+    phrases: list[str],
+    *,
+    tile: int,
+    overlap: int,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    min_area: int = 0,
+    smooth: int = 0,
+    max_instances: int | None = None,
+    iou_threshold: float | None = 0.7,
+    cross_prompt_iou: float | None = 0.9,
+    exemplars: Sequence[Sequence[float]] | None = None,
+    exemplar_labels: Sequence[int] | None = None,
+    merge_iou: float = DEFAULT_MERGE_IOU,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    source: str | None = None,
+) -> SegmentationResult:
+    """Segment `rgb` tile by tile and stitch the pieces into whole objects.
+
+    Two pieces with the same label from overlapping tiles are one object when their masks,
+    restricted to the tiles' shared overlap, have IoU >= `merge_iou`. A joined object's score
+    is the mean of its pieces' scores weighted by the pixels each piece contributes. Options
+    are those of `Segmenter.segment`; `progress(total, advance)` counts tiles and `cancel()` is
+    checked before each tile.
+    """
+    height, width = rgb.shape[:2]
+    tiles = tile_grid((height, width), tile, overlap)
+    neighbours = _earlier_neighbours(tiles)
+    pieces: list[_Piece] = []
+    by_tile: dict[int, list[int]] = defaultdict(list)
+    groups = _UnionFind()
+    origins: set[str] = set()
+    if progress:
+        progress(len(tiles), 0)
+    logger.info("Segmenting %dx%d image in %d tiles of %d px (overlap %d)", width, height, len(tiles), tile, overlap)
+    for current in tiles:
+        if cancel is not None and cancel():
+            raise CancelledError(f"Segmentation was cancelled after {current.index} of {len(tiles)} tiles.")
+        found, origin = _segment_tile(
+            segmenter, rgb, current, phrases, threshold, mask_threshold, iou_threshold, cross_prompt_iou,
+            exemplars, exemplar_labels,
+        )
+        origins.add(origin)
+        for inst in found:
+            index = groups.add()
+            pieces.append(_Piece(inst, current))
+            by_tile[current.index].append(index)
+            for other_tile in neighbours[current.index]:
+                for other in by_tile[other_tile.index]:
+                    if pieces[other].instance.label == inst.label and _agree_in_overlap(
+                        pieces[other], pieces[index], merge_iou
+                    ):
+                        groups.union(index, other)
+        if progress:
+            progress(len(tiles), 1)
+    members: dict[int, list[_Piece]] = defaultdict(list)
+    for index, piece in enumerate(pieces):
+        members[groups.find(index)].append(piece)
+    stitched = [_stitch(group) for _, group in sorted(members.items())]
+    instances = postprocess(
+        stitched, (height, width), smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
+        cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,
+    )
+    return SegmentationResult(
+        instances=instances, image_size=(height, width), prompts=phrases,
+        embedding_source=origins.pop() if len(origins) == 1 else "mixed", source=source,
+        info={"tiles": len(tiles), "tile": tile, "overlap": overlap, "pieces": len(pieces)},
+    )
+
+
+def _segment_tile(
+    segmenter, rgb, tile, phrases, threshold, mask_threshold, iou_threshold, cross_prompt_iou,
+    exemplars, exemplar_labels,
+) -> tuple[list[Instance], str]:
+    """One tile through the segmenter's cached path; instances returned in image coordinates."""
+    pixels = np.ascontiguousarray(rgb[tile.y0 : tile.y1, tile.x0 : tile.x1])
+    size = pixels.shape[:2]
+    boxes, labels = _exemplars_in_tile(exemplars, exemplar_labels, tile)
+    with segmenter._lock:
+        features, origin = segmenter.embed(pixels)
+        raw = segmenter._decode(features, phrases, threshold, mask_threshold, size, boxes, labels)
+    # duplicates inside one tile go now, while the candidates are small
+    raw = mask_nms(mask_nms(raw, iou_threshold, per_label=True), cross_prompt_iou, per_label=False)
+    shifted = []
+    for inst in raw:
+        x0, y0, x1, y1 = inst.box
+        model_box = inst.model_box
+        if model_box is not None:
+            model_box = (model_box[0] + tile.x0, model_box[1] + tile.y0, model_box[2] + tile.x0, model_box[3] + tile.y0)
+        shifted.append(replace(
+            inst, box=(x0 + tile.x0, y0 + tile.y0, x1 + tile.x0, y1 + tile.y0), model_box=model_box,
+        ))
+    return shifted, origin
+
+
+def _exemplars_in_tile(exemplars, exemplar_labels, tile: Tile):
+    """Exemplar boxes clipped to the tile, in tile pixels; None when none falls inside."""
+    if exemplars is None or len(exemplars) == 0:
+        return None, None
+    boxes = np.asarray(exemplars, dtype=np.float64).reshape(-1, 4)
+    labels = np.ones(len(boxes), dtype=int) if exemplar_labels is None else np.asarray(list(exemplar_labels))
+    if labels.shape != (len(boxes),):
+        raise OptionError("exemplar_labels needs one 1 (positive) or 0 (negative) per exemplar box.")
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], tile.x0, tile.x1) - tile.x0
+    clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], tile.y0, tile.y1) - tile.y0
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not inside.any():
+        return None, None
+    return clipped[inside].tolist(), labels[inside].tolist()
+
+
+def _earlier_neighbours(tiles: list[Tile]) -> dict[int, list[Tile]]:
+    """For each tile, the tiles before it in row-major order that overlap it."""
+    rows = sorted({(t.row, t.y0, t.y1) for t in tiles})
+    cols = sorted({(t.col, t.x0, t.x1) for t in tiles})
+    row_links = {r: [r2 for r2, a, b in rows if a < y1 and y0 < b] for r, y0, y1 in rows}
+    col_links = {c: [c2 for c2, a, b in cols if a < x1 and x0 < b] for c, x0, x1 in cols}
+    at = {(t.row, t.col): t for t in tiles}
+    return {
+        t.index: [
+            at[(r, c)] for r in row_links[t.row] for c in col_links[t.col]
+            if (r, c) in at and at[(r, c)].index < t.index
+        ]
+        for t in tiles
+    }
+
+
+def _crop(inst: Instance, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The instance's mask inside the image region ``[y0:y1, x0:x1]`` (zeros where it is absent)."""
+    out = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    bx0, by0, bx1, by1 = inst.box
+    iy0, iy1, ix0, ix1 = max(y0, by0), min(y1, by1), max(x0, bx0), min(x1, bx1)
+    if iy0 < iy1 and ix0 < ix1:
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = inst.mask[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+    return out
+
+
+def _agree_in_overlap(a: _Piece, b: _Piece, merge_iou: float) -> bool:
+    """Whether two pieces from overlapping tiles cover the same pixels where both tiles see."""
+    y0, y1 = max(a.tile.y0, b.tile.y0), min(a.tile.y1, b.tile.y1)
+    x0, x1 = max(a.tile.x0, b.tile.x0), min(a.tile.x1, b.tile.x1)
+    ax0, ay0, ax1, ay1 = a.instance.box
+    bx0, by0, bx1, by1 = b.instance.box
+    # only the part of the shared area that both boxes reach can hold common pixels
+    y0, y1 = max(y0, min(ay0, by0)), min(y1, max(ay1, by1))
+    x0, x1 = max(x0, min(ax0, bx0)), min(x1, max(ax1, bx1))
+    if y0 >= y1 or x0 >= x1:
+        return False
+    ma, mb = _crop(a.instance, y0, y1, x0, x1), _crop(b.instance, y0, y1, x0, x1)
+    inter = np.count_nonzero(ma & mb)
+    if inter == 0:
+        return False
+    return inter / np.count_nonzero(ma | mb) >= merge_iou
+
+
+def _stitch(group: list[_Piece]) -> Instance:
+    """One instance from the pieces of an object: each pixel from the nearest-centred tile that saw it."""
+    if len(group) == 1:
+        inst = group[0].instance
+        return replace(inst, extra={**inst.extra, "tiles": 1})
+    x0 = min(p.instance.box[0] for p in group)
+    y0 = min(p.instance.box[1] for p in group)
+    x1 = max(p.instance.box[2] for p in group)
+    y1 = max(p.instance.box[3] for p in group)
+    per_tile: dict[int, list[_Piece]] = defaultdict(list)
+    for piece in group:
+        per_tile[piece.tile.index].append(piece)
+    best = np.full((y1 - y0, x1 - x0), np.inf, dtype=np.float32)
+    owner = np.full((y1 - y0, x1 - x0), -1, dtype=np.int32)
+    mask = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    tile_scores = []
+    for slot, (_, parts) in enumerate(sorted(per_tile.items())):
+        tile = parts[0].tile
+        ry0, ry1, rx0, rx1 = max(y0, tile.y0), min(y1, tile.y1), max(x0, tile.x0), min(x1, tile.x1)
+        if ry0 >= ry1 or rx0 >= rx1:
+            tile_scores.append(0.0)
+            continue
+        cy, cx = tile.centre
+        dy = np.abs(np.arange(ry0, ry1, dtype=np.float32) + 0.5 - cy)
+        dx = np.abs(np.arange(rx0, rx1, dtype=np.float32) + 0.5 - cx)
+        distance = np.maximum(dy[:, None], dx[None, :])
+        region = (slice(ry0 - y0, ry1 - y0), slice(rx0 - x0, rx1 - x0))
+        nearer = distance < best[region]
+        best[region][nearer] = distance[nearer]
+        owner[region][nearer] = slot
+        seen = np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool)
+        for part in parts:
+            seen |= _crop(part.instance, ry0, ry1, rx0, rx1)
+        mask[region][nearer] = seen[nearer]
+        tile_scores.append(max(p.instance.score for p in parts))
+    weights = np.bincount(owner[mask], minlength=len(tile_scores)).astype(np.float64)
+    scores = np.asarray(tile_scores)
+    score = float((weights * scores).sum() / weights.sum()) if weights.sum() else float(scores.max())
+    tight = tight_box(mask)
+    if tight is None:  # every piece lost its pixels to tiles that did not see the object
+        keep = max(group, key=lambda p: p.instance.area).instance
+        return replace(keep, extra={**keep.extra, "tiles": len(per_tile)})
+    cx0, cy0, cx1, cy1 = tight
+    model_boxes = [p.instance.model_box for p in group if p.instance.model_box is not None]
+    first = group[0].instance
+    return Instance(
+        label=first.label,
+        score=score,
+        box=(x0 + cx0, y0 + cy0, x0 + cx1, y0 + cy1),
+        mask=np.ascontiguousarray(mask[cy0:cy1, cx0:cx1]),
+        model_box=(
+            min(b[0] for b in model_boxes), min(b[1] for b in model_boxes),
+            max(b[2] for b in model_boxes), max(b[3] for b in model_boxes),
+        ) if model_boxes else None,
+        phrase=first.phrase,
+        extra={**first.extra, "tiles": len(per_tile)},
+    )
