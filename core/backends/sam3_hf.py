@@ -105,7 +105,7 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(
             f"{path} has no config.json: it is not a directory written by Sam3Model.save_pretrained."
         )
-    if not any(path.glob(pattern) for pattern in WEIGHT_PATTERNS):
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise ModelLoadError(
             f"{path} has a config.json but no model.safetensors: the checkpoint is missing. "
             "Copy the weights there, or save the model again with Sam3Model.save_pretrained."

@@ -1,0 +1,89 @@
+"""The promptseg command: outputs a person and a program can use, exit codes, doctor, cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from promptseg.cli import main
+
+
+@pytest.fixture
+def image_files(tmp_path, rgb_image):
+    paths = []
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(rgb_image).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def run(args, tiny_sam3_dir, tmp_path):
+    return main(["segment", *args, "--model", str(tiny_sam3_dir), "--cache-dir", str(tmp_path / "cache"),
+                 "--threshold", "0.0"])
+
+
+def test_segment_writes_label_and_overlay_pngs(image_files, tiny_sam3_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run([*image_files, "-p", "cat", "-p", "dog", "--out", str(out)], tiny_sam3_dir, tmp_path) == 0
+    labels = np.asarray(Image.open(out / "a.labels.png"))
+    overlay = np.asarray(Image.open(out / "a.overlay.png"))
+    assert labels.shape == (120, 200) and labels.max() > 0
+    assert overlay.shape == (120, 200, 3)
+    assert (out / "b.labels.png").exists()
+    err = capsys.readouterr().err
+    assert "embedding computed" in err
+
+
+def test_segment_json_and_coco(image_files, tiny_sam3_dir, tmp_path):
+    out = tmp_path / "json"
+    assert run([image_files[0], "-p", "cat", "--format", "json", "--out", str(out)], tiny_sam3_dir, tmp_path) == 0
+    record = json.loads((out / "a.json").read_text())
+    assert record["image_size"] == [120, 200] and record["instances"]
+    assert {"label", "score", "box", "segmentation"} <= set(record["instances"][0])
+    out = tmp_path / "coco"
+    assert run([*image_files, "-p", "cat", "--format", "coco", "--out", str(out)], tiny_sam3_dir, tmp_path) == 0
+    coco = json.loads((out / "results.coco.json").read_text())
+    assert len(coco["images"]) == 2 and coco["categories"] == [{"id": 1, "name": "cat"}]
+    assert {a["image_id"] for a in coco["annotations"]} == {1, 2}
+
+
+def test_bad_image_is_reported_and_the_rest_written(image_files, tiny_sam3_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    code = run([str(bad), image_files[0], "-p", "cat", "--out", str(out)], tiny_sam3_dir, tmp_path)
+    assert code == 1
+    assert (out / "a.labels.png").exists()
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_unreachable_model_exits_with_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("PROMPTSEG_MODEL", raising=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["segment", str(tmp_path / "x.png"), "-p", "cat", "--out", str(tmp_path)]) == 2
+    assert "hf auth login" in capsys.readouterr().err
+
+
+def test_cache_info_and_clear(image_files, tiny_sam3_dir, tmp_path, capsys):
+    run([image_files[0], "-p", "cat", "--out", str(tmp_path / "o")], tiny_sam3_dir, tmp_path)
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "1 embedding(s)" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "Removed 1" in capsys.readouterr().out
+
+
+def test_doctor_proves_the_install_without_weights(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "[ ok ] end-to-end run" in out and "[FAIL]" not in out
+
+
+def test_help_is_fast_and_lists_commands():
+    done = subprocess.run([sys.executable, "-m", "promptseg.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "segment" in done.stdout and "doctor" in done.stdout
