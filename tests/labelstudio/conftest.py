@@ -1,0 +1,58 @@
+"""Fixtures for the Label Studio backend: one model per session on the tiny SAM 3, test images,
+labeling configs of each supported kind, and helpers that decode Label Studio regions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flask")
+pytest.importorskip("label_studio_sdk")
+
+from lshelpers import THRESHOLD, make_image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ls_image_root(tmp_path_factory) -> Path:
+    """A document root holding a few PNGs (and nothing else)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ls-images")
+    for seed in range(4):
+        Image.fromarray(make_image(seed)).save(root / f"image{seed}.png")
+    (root / "sub").mkdir()
+    Image.fromarray(make_image(9)).save(root / "sub" / "nested.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ls_model(tiny_sam3_dir, ls_image_root, tmp_path_factory):
+    """One backend model per session: loading once per process is the point."""
+    from promptseg_labelstudio.config import BackendConfig
+    from promptseg_labelstudio.model import PromptsegModel
+
+    config = BackendConfig(model=str(tiny_sam3_dir), device="cpu", threshold=THRESHOLD,
+                           document_root=ls_image_root, cache_dir=tmp_path_factory.mktemp("ls-cache"))
+    return PromptsegModel(config)
+
+
+@pytest.fixture
+def make_app(ls_model):
+    """An app around the session model, optionally with another config (same segmenter)."""
+    from promptseg_labelstudio.app import create_app
+    from promptseg_labelstudio.model import PromptsegModel
+
+    def make(**changes):
+        if not changes:
+            return create_app(ls_model)
+        from dataclasses import replace
+
+        return create_app(PromptsegModel(replace(ls_model.config, **changes), segmenter=ls_model.segmenter))
+
+    return make
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app().test_client()
