@@ -1,0 +1,133 @@
+"""Map between FiftyOne labels and promptseg's core types: nothing here segments or post-processes.
+
+FiftyOne boxes are relative ``[x, y, w, h]`` with the top-left at ``(x, y)``; FiftyOne renders a
+detection's mask into the pixel box ``int(x * W) : int((x + w) * W)``. promptseg instances carry a
+tight pixel box ``(x0, y0, x1, y1)`` (x1/y1 exclusive) and a mask of exactly that size, so the
+relative box is chosen to land on those same pixels and the mask is never resampled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from promptseg.errors import OptionError, PromptError
+
+DEFAULT_MASK_PATH_MIN_PIXELS = 4096 * 4096
+"""Images with at least this many pixels get their masks written as PNG files (`mask_path`)."""
+
+
+def relative_edge(pixel: int, size: int) -> float:
+    """The float ``f`` nearest ``pixel / size`` with ``int(f * size) == pixel`` (FiftyOne's rounding)."""
+    value = pixel / size
+    while int(value * size) < pixel:
+        value = math.nextafter(value, math.inf)
+    while value > 0 and int(value * size) > pixel:
+        value = math.nextafter(value, -math.inf)
+    return value
+
+
+def relative_box(box: Sequence[int], image_size: tuple[int, int]) -> list[float]:
+    """A pixel ``(x0, y0, x1, y1)`` box as FiftyOne's relative ``[x, y, w, h]``, pixel-exact."""
+    height, width = image_size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    left, top = relative_edge(x0, width), relative_edge(y0, height)
+    box_w = _extent(left, x1, width)
+    box_h = _extent(top, y1, height)
+    return [left, top, box_w, box_h]
+
+
+def _extent(start: float, end_pixel: int, size: int) -> float:
+    extent = end_pixel / size - start
+    while int((start + extent) * size) < end_pixel:
+        extent = math.nextafter(extent, math.inf)
+    while int((start + extent) * size) > end_pixel:
+        extent = math.nextafter(extent, -math.inf)
+    return extent
+
+
+def pixel_box(bounding_box: Sequence[float], image_size: tuple[int, int]) -> list[float]:
+    """FiftyOne's relative ``[x, y, w, h]`` as a float pixel ``[x0, y0, x1, y1]`` (for exemplars)."""
+    height, width = image_size
+    x, y, w, h = (float(v) for v in bounding_box)
+    return [x * width, y * height, (x + w) * width, (y + h) * height]
+
+
+def to_detections(
+    result,
+    *,
+    mask_dir: str | os.PathLike | None = None,
+    mask_stem: str = "mask",
+):
+    """A promptseg `SegmentationResult` as `fo.Detections`.
+
+    Each detection has the prompt as `label`, the score as `confidence`, the relative box, the mask
+    cropped to the box, the phrase the model received as ``phrase``, and any numeric scores the
+    core added (``inst.extra``) as attributes. With `mask_dir`, masks are written there as PNG files
+    and referenced by `mask_path` instead of being stored in the database.
+    """
+    import fiftyone as fo
+
+    if mask_dir is not None:
+        os.makedirs(mask_dir, exist_ok=True)
+    detections = []
+    for index, inst in enumerate(result.instances):
+        detection = fo.Detection(
+            label=inst.label,
+            confidence=float(inst.score),
+            bounding_box=relative_box(inst.box, result.image_size),
+            mask=np.ascontiguousarray(inst.mask, dtype=bool),
+        )
+        detection["phrase"] = inst.phrase or inst.label
+        for key, value in inst.extra.items():
+            if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
+                detection[key] = value.item() if isinstance(value, np.generic) else value
+        if mask_dir is not None:
+            detection.export_mask(os.path.join(os.fspath(mask_dir), f"{mask_stem}-{index}.png"), update=True)
+        detections.append(detection)
+    return fo.Detections(detections=detections)
+
+
+def prompts_from_value(value: Any, field: str = "prompt field") -> list[str]:
+    """Prompts held by a sample field: a string, a list of strings, or classification/detection labels."""
+    import fiftyone as fo
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, (fo.Classification, fo.Detection)):
+        return [value.label] if value.label else []
+    if isinstance(value, fo.Classifications):
+        return [c.label for c in value.classifications if c.label]
+    if isinstance(value, fo.Detections):
+        return [d.label for d in value.detections if d.label]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for item in value:
+            out += prompts_from_value(item, field)
+        return out
+    raise PromptError(
+        f"Cannot read prompts from {field!r} of type {type(value).__name__}: use a string, a list of "
+        "strings, or a Classification(s)/Detections field whose labels are the prompts."
+    )
+
+
+def exemplars_from_value(value: Any, image_size: tuple[int, int], field: str = "exemplar field") -> list[list[float]]:
+    """Pixel xyxy exemplar boxes from a `fo.Detections` (or `fo.Detection`) field value."""
+    import fiftyone as fo
+
+    if value is None:
+        return []
+    if isinstance(value, fo.Detection):
+        value = fo.Detections(detections=[value])
+    if not isinstance(value, fo.Detections):
+        raise OptionError(
+            f"Exemplar boxes come from a Detections field, but {field!r} holds {type(value).__name__}."
+        )
+    boxes = [d.bounding_box for d in value.detections if d.bounding_box is not None]
+    return [pixel_box(b, image_size) for b in boxes if b[2] > 0 and b[3] > 0]

@@ -1,0 +1,129 @@
+"""`PromptsegModel`: FiftyOne's model protocol around a promptseg segmenter, for `apply_model`.
+
+    model = PromptsegModel(["car", "person"])                        # fixed prompts
+    dataset.apply_model(model, "sam3")
+    dataset.apply_model(PromptsegModel(), "sam3", prompt_field="ground_truth")  # per-sample prompts
+
+The model is loaded once per process and shared with the operator (`segmenters.get_segmenter`),
+so a second `apply_model` over the same images reuses their embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import fiftyone.core.models as fom
+
+from promptseg_fiftyone.convert import (
+    DEFAULT_MASK_PATH_MIN_PIXELS,
+    exemplars_from_value,
+    prompts_from_value,
+    to_detections,
+)
+
+
+class PromptsegModel(fom.Model, fom.SamplesMixin):
+    """Text-prompt instance segmentation (SAM 3 via promptseg) producing `fo.Detections` with masks.
+
+    `prompts` are used for every sample; `prompt_field` (or ``apply_model(...,
+    prompt_field=...)``) adds per-sample prompts from a string, list of strings, or
+    Classification(s)/Detections field; `exemplar_field` (Detections) supplies example boxes.
+    `options` go to `Segmenter.segment` (threshold, mask_threshold, min_area, ...). Masks of
+    images with at least `mask_path_min_pixels` pixels are written under `mask_dir` as PNG files.
+    """
+
+    def __init__(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        segmenter=None,
+        prompt_field: str | None = None,
+        exemplar_field: str | None = None,
+        mask_dir: str | os.PathLike | None = None,
+        mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+        **options: Any,
+    ) -> None:
+        from promptseg.results import ensure_prompt_list
+        from promptseg_fiftyone.segmenters import get_segmenter
+
+        fom.SamplesMixin.__init__(self)
+        self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
+        self.segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+        self.options = options
+        self.mask_dir = mask_dir
+        self.mask_path_min_pixels = mask_path_min_pixels
+        self._default_fields = {
+            k: v for k, v in (("prompt_field", prompt_field), ("exemplar_field", exemplar_field)) if v
+        }
+        self._preprocess = False
+
+    # apply_model replaces needs_fields with its own kwargs; keep the constructor's as defaults.
+    @property
+    def needs_fields(self) -> dict[str, str]:
+        return {**self._default_fields, **self._fields}
+
+    @needs_fields.setter
+    def needs_fields(self, fields: dict[str, str] | None) -> None:
+        self._fields = dict(fields or {})
+
+    @property
+    def media_type(self) -> str:
+        return "image"
+
+    @property
+    def ragged_batches(self) -> bool:
+        return True
+
+    @property
+    def transforms(self):
+        return None
+
+    @property
+    def preprocess(self) -> bool:
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value: bool) -> None:
+        self._preprocess = value
+
+    def predict(self, arg, sample=None):
+        """Segment one image (HxWxC array, path or PIL image) with the fixed and per-sample prompts."""
+        from promptseg.errors import PromptError
+        from promptseg.images import load_image
+
+        rgb = load_image(arg)
+        fields = self.needs_fields
+        phrases = list(self.prompts)
+        if sample is not None and fields.get("prompt_field"):
+            phrases += prompts_from_value(sample[fields["prompt_field"]], fields["prompt_field"])
+        if not phrases:
+            if sample is None and not fields.get("prompt_field"):
+                raise PromptError("PromptsegModel has no prompts: pass prompts=[...] or prompt_field=...")
+            import fiftyone as fo
+
+            return fo.Detections()
+        exemplars = []
+        if sample is not None and fields.get("exemplar_field"):
+            exemplars = exemplars_from_value(sample[fields["exemplar_field"]], rgb.shape[:2], fields["exemplar_field"])
+        result = self.segmenter.segment(rgb, phrases, exemplars=exemplars or None, **self.options)
+        height, width = result.image_size
+        large = self.mask_path_min_pixels is not None and height * width >= self.mask_path_min_pixels
+        mask_dir = (self.mask_dir or _default_mask_dir()) if large else None
+        stem = sample.id if sample is not None else uuid.uuid4().hex
+        return to_detections(result, mask_dir=mask_dir, mask_stem=stem)
+
+    def predict_all(self, args, samples=None):
+        samples = samples if samples is not None else [None] * len(args)
+        return [self.predict(arg, sample=sample) for arg, sample in zip(args, samples)]
+
+
+def _default_mask_dir() -> str:
+    import fiftyone as fo
+
+    return os.path.join(fo.config.default_dataset_dir, "promptseg_masks", "apply_model")

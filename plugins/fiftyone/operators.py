@@ -1,0 +1,220 @@
+"""The `segment_with_text` operator: a form in the App, a callable in Python, a delegated job.
+
+    import fiftyone.operators as foo
+    segment = foo.get_operator("@promptseg/fiftyone/segment_with_text")
+    segment(dataset_or_view, prompts=["car", "person"], label_field="sam3")  # or delegate=True
+
+The work is `runner.segment_samples`; this module only turns form parameters into its arguments.
+"""
+
+from __future__ import annotations
+
+import time
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from promptseg.errors import PromptsegError
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+PROMPT_TYPES = ("StringField", "ListField", "Classification", "Classifications", "Detections")
+
+
+class SegmentWithText(foo.Operator):
+    """Segment every instance of each text prompt in the target samples (SAM 3 via promptseg)."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="segment_with_text",
+            label="Segment with text (promptseg)",
+            description="Type what you want segmented; get every instance as a Detections mask.",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_delegation(self, ctx):
+        return bool(ctx.params.get("delegate", False))
+
+    def resolve_input(self, ctx):
+        from promptseg.segmenter import default_model
+
+        inputs = types.Object()
+        inputs.view_target(ctx, action_description="Segment")
+        prompts = inputs.list(
+            "prompts", types.String(), required=True, label="Prompts",
+            description="Noun phrases, one per entry: 'red car', 'person', 'nucleus'.",
+        )
+        problem = _prompt_problem(ctx.params.get("prompts"), ctx.params.get("prompt_field"))
+        if problem:
+            prompts.invalid, prompts.error_message = True, problem
+        label_field = inputs.str(
+            "label_field", default="promptseg", required=True, label="Label field",
+            description="New or existing Detections field to write the instances to.",
+        )
+        problem = _label_field_problem(ctx, ctx.params.get("label_field", "promptseg"))
+        if problem:
+            label_field.invalid, label_field.error_message = True, problem
+        inputs.float(
+            "threshold", default=0.5, min=0.0, max=1.0, label="Score threshold",
+            description="Keep instances scoring at least this (0-1).",
+        )
+        inputs.bool(
+            "overwrite", default=False, label="Overwrite",
+            description="Redo samples that already have the label field (otherwise they are skipped, "
+            "so an interrupted run resumes).",
+        )
+        inputs.str(
+            "model", default=None, required=False, label="Model",
+            description=f"Hub id or local directory (default: {default_model()}).",
+        )
+        inputs.enum("device", DEVICES, default="auto", label="Device", view=types.DropdownView())
+        fields = _fields_of(ctx, PROMPT_TYPES)
+        if fields:
+            inputs.enum(
+                "prompt_field", fields, required=False, label="Prompt field (optional)",
+                description="Also use each sample's own prompts from this field.",
+                view=types.AutocompleteView(),
+            )
+        boxes = _fields_of(ctx, ("Detections",))
+        if boxes:
+            inputs.enum(
+                "exemplar_field", boxes, required=False, label="Exemplar boxes (optional)",
+                description="Detections whose boxes are examples of what to find.",
+                view=types.AutocompleteView(),
+            )
+        inputs.float("mask_threshold", default=0.5, min=0.01, max=0.99, label="Mask threshold")
+        inputs.int("min_area", default=0, min=0, label="Minimum area (pixels)")
+        inputs.int("max_instances", required=False, min=1, label="Maximum instances per image")
+        inputs.bool(
+            "delegate", default=False, label="Delegate",
+            description="Queue the run for a delegated-operations worker instead of running it now.",
+        )
+        return types.Property(inputs, view=types.View(label="Segment with text"))
+
+    def execute(self, ctx):
+        from promptseg_fiftyone.runner import segment_samples
+
+        params = ctx.params
+        options = {
+            "threshold": float(params.get("threshold", 0.5)),
+            "mask_threshold": float(params.get("mask_threshold", 0.5)),
+            "min_area": int(params.get("min_area") or 0),
+            "max_instances": params.get("max_instances") or None,
+        }
+        try:
+            summary = segment_samples(
+                ctx.target_view(),
+                prompts=params.get("prompts") or None,
+                label_field=params.get("label_field", "promptseg"),
+                model=params.get("model") or None,
+                device=params.get("device") or "auto",
+                prompt_field=params.get("prompt_field") or None,
+                exemplar_field=params.get("exemplar_field") or None,
+                overwrite=bool(params.get("overwrite", False)),
+                progress=_ProgressReporter(ctx),
+                **options,
+            )
+        except PromptsegError as exc:
+            raise ValueError(str(exc)) from exc
+        if not ctx.delegated:
+            ctx.trigger("reload_dataset")
+        return summary.to_dict()
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("processed", label="Samples segmented")
+        outputs.int("instances", label="Instances found")
+        outputs.int("skipped", label="Skipped (already had the field)")
+        outputs.int("failed_count", label="Images that could not be read")
+        outputs.list("failed", types.Object(), label="Failures")
+        return types.Property(outputs, view=types.View(label="promptseg"))
+
+    def __call__(
+        self,
+        sample_collection,
+        prompts=None,
+        label_field="promptseg",
+        *,
+        threshold=0.5,
+        model=None,
+        device="auto",
+        overwrite=False,
+        prompt_field=None,
+        exemplar_field=None,
+        mask_threshold=0.5,
+        min_area=0,
+        max_instances=None,
+        delegate=False,
+        delegation_target=None,
+    ):
+        """Run on a dataset or view from Python; ``delegate=True`` queues it instead."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = {
+            "prompts": list(prompts or []),
+            "label_field": label_field,
+            "threshold": threshold,
+            "model": model,
+            "device": device,
+            "overwrite": overwrite,
+            "prompt_field": prompt_field,
+            "exemplar_field": exemplar_field,
+            "mask_threshold": mask_threshold,
+            "min_area": min_area,
+            "max_instances": max_instances,
+            "delegate": delegate,
+        }
+        return foo.execute_operator(
+            self.uri,
+            {"view": sample_collection.view()},
+            params=params,
+            request_delegation=delegate,
+            delegation_target=delegation_target,
+        )
+
+
+class _ProgressReporter:
+    """``progress(done, total)`` for the runner, sent to ``ctx.set_progress`` at most once a second."""
+
+    def __init__(self, ctx, interval: float = 1.0) -> None:
+        self.ctx, self.interval, self.last = ctx, interval, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (0, total) and now - self.last < self.interval:
+            return
+        self.last = now
+        self.ctx.set_progress(progress=done / total if total else 1.0, label=f"Segmented {done} of {total} samples")
+
+
+def _prompt_problem(prompts, prompt_field) -> str | None:
+    if not prompts:
+        return None if prompt_field else "Add at least one prompt, e.g. 'car'."
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        return "A prompt is empty: type a noun phrase such as 'car' or remove the entry."
+    return None
+
+
+def _label_field_problem(ctx, label_field) -> str | None:
+    from promptseg_fiftyone.runner import check_label_field
+
+    if ctx.dataset is None:
+        return None
+    try:
+        check_label_field(ctx.dataset, label_field)
+    except PromptsegError as exc:
+        return str(exc)
+    return None
+
+
+def _fields_of(ctx, type_names) -> list[str]:
+    if ctx.dataset is None:
+        return []
+    out = []
+    for name, field in ctx.dataset.get_field_schema().items():
+        kind = getattr(field, "document_type", None) or type(field)
+        if kind.__name__ in type_names and name not in ("filepath", "id", "tags"):
+            out.append(name)
+    return sorted(out)

@@ -1,0 +1,239 @@
+"""Segment every sample of a dataset, view or selection and store the instances as `fo.Detections`.
+
+This is the loop behind the operator and the Python entry: it picks the samples still to do
+(resume), reads prompts and exemplars from sample fields, calls the core once per image, and
+writes results in batches. A sample counts as done once its label field holds a `Detections`
+(possibly empty), so a rerun after an interruption continues where the last batch ended; samples
+whose image could not be read are left empty, reported, and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from promptseg.errors import ImageError, OptionError, PromptError
+from promptseg_fiftyone.convert import (
+    DEFAULT_MASK_PATH_MIN_PIXELS,
+    exemplars_from_value,
+    prompts_from_value,
+    to_detections,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LABEL_FIELD = "promptseg"
+DEFAULT_BATCH_SIZE = 16
+MAX_REPORTED_FAILURES = 100
+_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_REPEAT_KEYS = ("prompts", "prompt_field", "exemplar_field", "options", "model")
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)`` after each sample."""
+
+
+@dataclass
+class RunSummary:
+    """What one run did: the operator shows it and tests check it."""
+
+    run_key: str
+    label_field: str
+    total: int = 0
+    skipped: int = 0
+    processed: int = 0
+    instances: int = 0
+    no_prompts: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    failed_count: int = 0
+    embedding_sources: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_key_for(label_field: str) -> str:
+    """The run key under which a label field's provenance is recorded (`dataset.get_run_info`)."""
+    return f"promptseg_{label_field}"
+
+
+def check_label_field(samples, label_field: Any) -> bool:
+    """Raise `OptionError` unless `label_field` can hold our Detections; return whether it exists."""
+    import fiftyone as fo
+
+    if not isinstance(label_field, str) or not _FIELD_NAME.match(label_field):
+        raise OptionError(
+            f"Bad label field name {label_field!r}: use letters, digits and underscores, starting "
+            "with a letter (for example 'promptseg' or 'cars_sam3')."
+        )
+    schema = samples._dataset.get_field_schema()
+    if label_field not in schema:
+        return False
+    existing = schema[label_field]
+    if isinstance(existing, fo.EmbeddedDocumentField) and issubclass(existing.document_type, fo.Detections):
+        return True
+    kind = getattr(existing, "document_type", None) or type(existing)
+    raise OptionError(
+        f"Field {label_field!r} already holds {kind.__name__}, not Detections: choose another label field."
+    )
+
+
+def check_source_field(samples, name: str | None, what: str) -> None:
+    if name is not None and name not in samples._dataset.get_field_schema():
+        raise OptionError(f"The {what} {name!r} is not a field of dataset {samples._dataset.name!r}.")
+
+
+def segment_samples(
+    samples,
+    prompts: str | Sequence[str] | None = None,
+    label_field: str = DEFAULT_LABEL_FIELD,
+    *,
+    segmenter=None,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    prompt_field: str | None = None,
+    exemplar_field: str | None = None,
+    overwrite: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mask_dir: str | os.PathLike | None = None,
+    mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+    progress: Progress | None = None,
+    **options: Any,
+) -> RunSummary:
+    """Segment `samples` (a dataset or view) with text prompts into `label_field` as `fo.Detections`.
+
+    Prompts are the fixed `prompts` plus, per sample, those read from `prompt_field` (a string,
+    list of strings, or Classification(s)/Detections labels); `exemplar_field` (Detections) gives
+    example boxes. Samples that already have `label_field` are skipped unless `overwrite`.
+    Images with at least `mask_path_min_pixels` pixels get their masks as PNG files under
+    `mask_dir` (``None`` disables this). `options` go to `Segmenter.segment` (threshold,
+    mask_threshold, min_area, smooth, max_instances, ...). Results are written every
+    `batch_size` samples.
+    """
+    import fiftyone as fo
+    from fiftyone.core.collections import SaveContext
+
+    from promptseg.images import load_image
+    from promptseg.results import ensure_prompt_list
+    from promptseg_fiftyone.segmenters import get_segmenter
+
+    started = time.perf_counter()
+    fixed = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
+    if not fixed and prompt_field is None:
+        raise PromptError("No prompt given: pass prompts such as ['car', 'person'] or a prompt_field.")
+    if batch_size < 1:
+        raise OptionError(f"batch_size must be at least 1, got {batch_size}.")
+    exists = check_label_field(samples, label_field)
+    check_source_field(samples, prompt_field, "prompt field")
+    check_source_field(samples, exemplar_field, "exemplar field")
+    dataset = samples._dataset
+    segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+
+    summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
+    config = _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite)
+    if exists and not overwrite:
+        _warn_if_settings_changed(dataset, summary, config)
+    if not exists:
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    todo = samples if overwrite else samples.exists(label_field, False)
+    ids = todo.values("id")
+    summary.skipped = summary.total - len(ids)
+    if mask_dir is None and mask_path_min_pixels is not None:
+        mask_dir = os.path.join(fo.config.default_dataset_dir, "promptseg_masks", dataset.name, label_field)
+    view = samples.select(ids, ordered=True).select_fields([f for f in (prompt_field, exemplar_field) if f])
+    sources: Counter[str] = Counter()
+    if progress:
+        progress(0, len(ids))
+    try:
+        with SaveContext(view, batch_size=batch_size) as writer:
+            for done, sample in enumerate(view.iter_samples(), start=1):
+                labels = _segment_sample(
+                    sample, segmenter, fixed, prompt_field, exemplar_field, options,
+                    mask_dir, mask_path_min_pixels, summary, load_image,
+                )
+                if labels is not None:
+                    result, detections = labels
+                    sample[label_field] = detections
+                    writer.save(sample)
+                    summary.processed += 1
+                    summary.instances += len(result)
+                    sources[result.embedding_source] += 1
+                if progress:
+                    progress(done, len(ids))
+    finally:
+        summary.embedding_sources = dict(sources)
+        summary.seconds = time.perf_counter() - started
+        _record_run(samples, summary, config)
+    return summary
+
+
+def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, options,
+                    mask_dir, mask_path_min_pixels, summary, load_image):
+    """The (result, Detections) of one sample, or None when it is skipped (reported in `summary`)."""
+    try:
+        rgb = load_image(sample.filepath)
+    except ImageError as exc:
+        summary.failed_count += 1
+        if len(summary.failed) < MAX_REPORTED_FAILURES:
+            summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
+        logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
+        return None
+    phrases = list(fixed)
+    if prompt_field is not None:
+        phrases += prompts_from_value(sample[prompt_field], prompt_field)
+    if not phrases:
+        summary.no_prompts += 1
+        return None
+    exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
+    result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
+    height, width = result.image_size
+    large = mask_path_min_pixels is not None and height * width >= mask_path_min_pixels
+    detections = to_detections(result, mask_dir=mask_dir if large else None, mask_stem=sample.id)
+    return result, detections
+
+
+def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite):
+    return dataset.init_run(
+        method="promptseg",
+        prompts=list(fixed),
+        prompt_field=prompt_field,
+        exemplar_field=exemplar_field,
+        options={k: v for k, v in options.items() if isinstance(v, (bool, int, float, str, type(None)))},
+        model=segmenter.describe()["model"],
+        segmenter=segmenter.describe(),
+        overwrite=bool(overwrite),
+    )
+
+
+def _warn_if_settings_changed(dataset, summary, config) -> None:
+    if summary.run_key not in dataset.list_runs():
+        return
+    previous = dataset.get_run_info(summary.run_key).config
+    changed = [k for k in _REPEAT_KEYS if getattr(previous, k, None) != getattr(config, k, None)]
+    if changed:
+        message = (
+            f"{summary.label_field!r} was produced with different {', '.join(changed)}; only samples "
+            "without it are segmented now. Pass overwrite=True to redo every sample."
+        )
+        summary.warnings.append(message)
+        logger.warning(message)
+
+
+def _record_run(samples, summary, config) -> None:
+    """Record what produced the field (`dataset.get_run_info(run_key)`) and what this run did."""
+    dataset = samples._dataset
+    try:
+        samples.register_run(summary.run_key, config, overwrite=True, cleanup=False)
+        record = {k: v for k, v in summary.to_dict().items() if k != "run_key"}
+        results = dataset.init_run_results(summary.run_key, **record)
+        dataset.save_run_results(summary.run_key, results, overwrite=True)
+    except Exception:  # the labels are written; a failed record must not hide that
+        logger.exception("Could not record run %s on %s", summary.run_key, dataset.name)

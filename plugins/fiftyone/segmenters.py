@@ -1,0 +1,51 @@
+"""One loaded segmenter per (model, device, dtype, cache dir), reused by every run in the process.
+
+The App server and a delegated-operation worker both live for many runs; keeping the model (and
+its in-memory embedding cache) loaded is what makes the second prompt over a view skip the image
+encoder and the model load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_LOADED = 2
+"""Segmenters kept loaded at once; the least recently used one is dropped beyond this."""
+
+_LOADED: OrderedDict[tuple, Any] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def get_segmenter(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+):
+    """The process-wide `promptseg.Segmenter` for these settings, loading it on first use."""
+    import promptseg
+
+    name = model or promptseg.default_model()
+    key = (str(name), str(device or "auto"), str(dtype or "auto"), None if cache_dir is None else str(cache_dir))
+    with _LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        segmenter = promptseg.load_segmenter(name, device=key[1], dtype=key[2], cache_dir=cache_dir)
+        _LOADED[key] = segmenter
+        while len(_LOADED) > MAX_LOADED:
+            dropped, _ = _LOADED.popitem(last=False)
+            logger.info("Unloading segmenter %s", dropped)
+        return segmenter
+
+
+def clear_segmenters() -> None:
+    """Forget every loaded segmenter (frees their memory once no run holds them)."""
+    with _LOCK:
+        _LOADED.clear()

@@ -1,0 +1,112 @@
+"""A private FiftyOne database and plugins directory for these tests, plus small image datasets.
+
+FiftyOne reads its configuration when it is first imported, so the environment is set when this
+conftest is imported (before any test module imports fiftyone). The plugin is installed into the
+temporary plugins directory with the same function `promptseg fiftyone install` uses.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_ROOT = Path(tempfile.mkdtemp(prefix="promptseg-fiftyone-tests-"))
+if "fiftyone" in sys.modules:  # pragma: no cover - a setup mistake, not a test outcome
+    raise RuntimeError("fiftyone was imported before tests/fiftyone/conftest.py could isolate its database")
+os.environ.pop("FIFTYONE_DATABASE_URI", None)
+os.environ.update(
+    FIFTYONE_DATABASE_DIR=str(_ROOT / "db"),
+    FIFTYONE_PLUGINS_DIR=str(_ROOT / "plugins"),
+    FIFTYONE_DEFAULT_DATASET_DIR=str(_ROOT / "datasets"),
+    FIFTYONE_DO_NOT_TRACK="true",
+    FIFTYONE_DATABASE_VALIDATION="false",
+    FIFTYONE_SHOW_PROGRESS_BARS="false",
+)
+# Registered before fiftyone's own exit hooks, so it runs after them (after mongod has stopped).
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+from promptseg_fiftyone._commands import install_plugin  # noqa: E402  (imports no fiftyone)
+
+install_plugin(_ROOT / "plugins")
+
+URI = "@promptseg/fiftyone/segment_with_text"
+
+
+def structured_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A noisy image with two coloured rectangles, so the tiny model sees some structure."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    image[height // 5 : height // 2, width // 6 : width // 2] = (220, 40, 40)
+    image[height // 2 : height - 5, width // 2 : width - 8] = (40, 200, 60)
+    return image
+
+
+@pytest.fixture(scope="session")
+def image_paths(tmp_path_factory) -> list[str]:
+    """Six PNG images of different sizes."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("fo-images")
+    paths = []
+    for index, (height, width) in enumerate([(96, 128), (120, 90), (80, 150), (100, 100), (110, 140), (75, 95)]):
+        path = root / f"image{index}.png"
+        Image.fromarray(structured_image(index, height, width)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def corrupt_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("fo-bad") / "corrupt.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a PNG")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fo():
+    import fiftyone
+
+    return fiftyone
+
+
+@pytest.fixture(scope="session")
+def fo_segmenter(tiny_sam3_dir):
+    """The process-wide segmenter the operator also gets for model=tiny_sam3_dir, device=cpu."""
+    from promptseg_fiftyone.segmenters import get_segmenter
+
+    return get_segmenter(str(tiny_sam3_dir), device="cpu")
+
+
+@pytest.fixture
+def make_dataset(fo, image_paths):
+    """Factory for fresh (non-persistent) datasets over the test images; deleted afterwards."""
+    made = []
+
+    def make(paths=None, **fields):
+        dataset = fo.Dataset()
+        samples = []
+        for index, path in enumerate(image_paths if paths is None else paths):
+            sample = fo.Sample(filepath=path)
+            for name, values in fields.items():
+                sample[name] = values[index]
+            samples.append(sample)
+        dataset.add_samples(samples)
+        made.append(dataset)
+        return dataset
+
+    yield make
+    for dataset in made:
+        if not dataset.deleted:
+            dataset.delete()
+
+
+@pytest.fixture
+def dataset(make_dataset):
+    return make_dataset()
