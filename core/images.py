@@ -7,6 +7,7 @@ percentiles. The caller's array is never modified.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,15 @@ def to_rgb8(
     array: np.ndarray,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     channels: tuple[int, ...] | None = None,
+    limits: Any = None,
 ) -> np.ndarray:
-    """Convert a 2D or channel-last 3D array of any numeric dtype to ``(H, W, 3)`` uint8."""
+    """Convert a 2D or channel-last 3D array of any numeric dtype to ``(H, W, 3)`` uint8.
+
+    Non-uint8 pixels are scaled per channel so that each channel's `percentiles` map to 0 and
+    255 (a dim fluorescence channel stays visible next to a bright one); NaN and infinity become
+    0. `limits` fixes the (low, high) intensities instead, as ``(2,)`` or one row per selected
+    channel ``(C, 2)``: one scale for every slice of a stack (see `intensity_limits`).
+    """
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
@@ -123,7 +131,7 @@ def to_rgb8(
     if array.dtype == np.uint8:
         scaled = array
     else:
-        scaled = _percentile_scale(array, percentiles)
+        scaled = _scale(array, percentiles, limits)
     if scaled.ndim == 2:
         scaled = np.repeat(scaled[:, :, None], 3, axis=2)
     elif scaled.shape[2] == 1:
@@ -148,27 +156,70 @@ def _select_channels(array: np.ndarray, channels: tuple[int, ...] | None) -> np.
     return array[:, :, list(channels)]
 
 
-def _percentile_scale(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+def intensity_limits(
+    array: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES, channel_axis: int | None = None
+) -> np.ndarray:
+    """``(C, 2)`` intensities at the low/high `percentiles` of the finite pixels, one row per channel.
+
+    Without `channel_axis` all pixels form one channel (one row). Arrays above ~4M pixels are
+    sampled on a regular stride first, so the caller's array is neither copied nor changed.
+    """
     low_p, high_p = percentiles
     if not 0 <= low_p < high_p <= 100:
         raise OptionError(
             f"percentiles={percentiles} is not a valid range: use (low, high) with 0 <= low < high <= 100."
         )
-    values = array.astype(np.float32, copy=True)
-    finite = np.isfinite(values)
-    if not finite.any():
-        raise ImageError("Image has no finite pixel values (all NaN or infinite).")
-    sample = values[finite]
-    if sample.size > 4_000_000:  # percentiles of a strided sample are close enough and much cheaper
-        sample = sample[:: sample.size // 4_000_000 + 1]
-    low, high = np.percentile(sample, [low_p, high_p])
-    if high <= low:
-        high = low + 1.0
-    values[~finite] = low
-    values -= low
-    values *= 255.0 / (high - low)
-    np.clip(values, 0, 255, out=values)
-    return values.astype(np.uint8)
+    array = np.asarray(array)
+    if channel_axis is not None:
+        array = np.moveaxis(array, channel_axis, -1)
+    else:
+        array = array[..., None]
+    spatial = array.ndim - 1
+    pixels = int(np.prod(array.shape[:-1]))
+    step = max(1, math.ceil((pixels / 4_000_000) ** (1 / max(spatial, 1))))
+    sample = array[(slice(None, None, step),) * spatial] if step > 1 else array
+    rows = []
+    for channel in range(array.shape[-1]):
+        values = np.asarray(sample[..., channel], dtype=np.float32)
+        values = values[np.isfinite(values)]
+        if values.size == 0 and step > 1:  # finite pixels too sparse for the sample
+            values = np.asarray(array[..., channel], dtype=np.float32)
+            values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise ImageError("Image has no finite pixel values (all NaN or infinite).")
+        low, high = np.percentile(values, [low_p, high_p])
+        rows.append((float(low), float(high) if high > low else float(low) + 1.0))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _scale(array: np.ndarray, percentiles: tuple[float, float], limits: Any = None) -> np.ndarray:
+    """Map intensities to uint8 in row blocks, so memory beyond the output stays small."""
+    channel_axis = -1 if array.ndim == 3 else None
+    if limits is None:
+        limits = intensity_limits(array, percentiles, channel_axis)
+    limits = np.asarray(limits, dtype=np.float64).reshape(-1, 2)
+    channels = array.shape[2] if array.ndim == 3 else 1
+    if len(limits) == 1:
+        limits = np.repeat(limits, channels, axis=0)
+    if len(limits) != channels or (limits[:, 1] <= limits[:, 0]).any():
+        raise OptionError(
+            f"limits must be (low, high) with high > low, once or per channel ({channels}), got {limits.tolist()}."
+        )
+    low = limits[:, 0].astype(np.float32)
+    gain = (255.0 / (limits[:, 1] - limits[:, 0])).astype(np.float32)
+    if channel_axis is None:
+        low, gain = low[0], gain[0]
+    out = np.empty(array.shape, dtype=np.uint8)
+    block = max(1, 4_000_000 // max(1, int(np.prod(array.shape[1:]))))
+    for start in range(0, array.shape[0], block):
+        values = array[start : start + block].astype(np.float32)
+        values -= low
+        values *= gain
+        if np.issubdtype(array.dtype, np.floating):
+            values[~np.isfinite(values)] = 0
+        np.clip(values, 0, 255, out=values)
+        out[start : start + block] = values
+    return out
 
 
 def pixel_hash(rgb: np.ndarray) -> str:

@@ -32,6 +32,7 @@ from promptseg.errors import CancelledError, ImageError, OptionError, PromptsegE
 from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
+from promptseg.stacks import StackResult
 from promptseg.tiling import resolve_tiling, segment_tiled
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,37 @@ class Segmenter:
                 )
             if progress:
                 progress(len(images), 1)
+
+    def segment_stack(
+        self,
+        stack: Any,
+        prompts: str | Sequence[str],
+        *,
+        axes: str | None = None,
+        link: bool | float = False,
+        normalize: str = "stack",
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+        **options: Any,
+    ) -> StackResult:
+        """Segment each slice of a Z-stack or time series; optionally link instances into 3D objects.
+
+        `stack` is an array, a multi-page or OME-TIFF path, or a list of images (one per slice).
+        `axes` names the array's layout, e.g. ``"ZYX"``, ``"TYXC"``, ``"ZCYX"`` (guessed when
+        None; TIFF files use their recorded axes). `link` (True, or a mask IoU in (0, 1]; True
+        means 0.3) gives an instance the id of the same-label instance it overlaps most in the
+        previous slice. `normalize` ``"stack"`` scales intensities with one percentile range for
+        the whole stack, ``"slice"`` per slice. Other options (`percentiles`, `channels`,
+        `tile`, `threshold`, ...) are those of `segment`. `progress(total, advance)` counts
+        slices; `cancel()` is checked before each slice. Returns a `StackResult`
+        (``.slices``, ``.object_ids``, ``.to_label_volume()``).
+        """
+        from promptseg.stacks import segment_stack
+
+        return segment_stack(
+            self, stack, prompts, axes=axes, link=link, normalize=normalize, progress=progress,
+            cancel=cancel, **options,
+        )
 
     def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
         """The image embedding of RGB pixels and where it came from (memory, disk or computed)."""
