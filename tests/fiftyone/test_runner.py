@@ -1,0 +1,149 @@
+"""`segment_samples`: the loop behind the operator, against a real FiftyOne database."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from promptseg.errors import OptionError, PromptError
+from promptseg_fiftyone.runner import run_key_for, segment_samples
+
+from fo_helpers import assert_matches_core, detections_payload
+
+PROMPTS = ["red square", "green square"]
+
+
+def test_masks_round_trip_through_fiftyone_pixel_for_pixel(fo, dataset, fo_segmenter, image_paths):
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0)
+    assert summary.processed == len(image_paths) and summary.failed_count == 0
+    reloaded = fo.load_dataset(dataset.name)
+    for sample in reloaded:
+        assert_matches_core(sample["sam"], fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0))
+        assert {d.phrase for d in sample["sam"].detections} <= set(PROMPTS)
+
+
+def test_large_images_store_masks_as_files(fo, dataset, fo_segmenter, tmp_path):
+    segment_samples(dataset.limit(2), PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0,
+                    mask_dir=tmp_path / "masks", mask_path_min_pixels=1)
+    for sample in fo.load_dataset(dataset.name).limit(2):
+        detections = sample["sam"]
+        assert all(d.mask is None and os.path.isfile(d.mask_path) for d in detections.detections)
+        assert_matches_core(detections, fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0))
+
+
+def test_corrupt_image_is_reported_and_the_others_are_written(make_dataset, fo_segmenter, image_paths, corrupt_path):
+    dataset = make_dataset([image_paths[0], corrupt_path, image_paths[1]])
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0)
+    assert summary.processed == 2 and summary.failed_count == 1
+    assert summary.failed[0]["filepath"] == corrupt_path and "corrupt" in summary.failed[0]["error"]
+    assert dataset.values("sam")[1] is None  # left empty, so a later run retries it
+    assert all(dataset.values("sam")[i] is not None for i in (0, 2))
+
+
+def test_existing_labels_are_skipped_unless_overwrite(dataset, fo_segmenter, image_paths):
+    segment_samples(dataset, ["red square"], "sam", segmenter=fo_segmenter, threshold=0.0)
+    before = [detections_payload(d) for d in dataset.values("sam")]
+
+    again = segment_samples(dataset, ["green square"], "sam", segmenter=fo_segmenter, threshold=0.0)
+    assert again.skipped == len(image_paths) and again.processed == 0
+    assert any("different prompts" in w for w in again.warnings)
+    assert [detections_payload(d) for d in dataset.values("sam")] == before
+
+    redo = segment_samples(dataset, ["green square"], "sam", segmenter=fo_segmenter, threshold=0.0, overwrite=True)
+    assert redo.processed == len(image_paths) and redo.skipped == 0
+    labels = {d.label for dets in dataset.values("sam") for d in dets.detections}
+    assert labels == {"green square"}
+
+
+def test_interrupted_run_resumed_equals_uninterrupted_run(dataset, fo_segmenter, image_paths):
+    segment_samples(dataset, PROMPTS, "reference", segmenter=fo_segmenter, threshold=0.0)
+
+    def interrupt_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_samples(dataset, PROMPTS, "resumed", segmenter=fo_segmenter, threshold=0.0,
+                        batch_size=2, progress=interrupt_after_three)
+    written = [v is not None for v in dataset.values("resumed")]
+    assert written == [True, True, True, False, False, False]  # nothing finished was lost
+
+    summary = segment_samples(dataset, PROMPTS, "resumed", segmenter=fo_segmenter, threshold=0.0, batch_size=2)
+    assert summary.skipped == 3 and summary.processed == 3
+    assert [detections_payload(d) for d in dataset.values("resumed")] == [
+        detections_payload(d) for d in dataset.values("reference")
+    ]
+
+
+def test_second_prompt_over_the_same_view_skips_the_image_encoder(dataset, make_segmenter, image_paths):
+    segmenter = make_segmenter()
+    first = segment_samples(dataset, ["red square"], "first", segmenter=segmenter, threshold=0.0)
+    runs = segmenter.stats.image_encoder_runs
+    second = segment_samples(dataset, ["green square"], "second", segmenter=segmenter, threshold=0.0)
+    assert first.embedding_sources == {"computed": len(image_paths)}
+    assert second.embedding_sources == {"memory": len(image_paths)}
+    assert segmenter.stats.image_encoder_runs == runs
+
+
+def test_run_record_says_what_produced_the_field(dataset, fo_segmenter, tiny_sam3_dir):
+    segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.1, min_area=2)
+    info = dataset.get_run_info(run_key_for("sam"))
+    assert info.config.method == "promptseg"
+    assert info.config.prompts == PROMPTS
+    assert info.config.options == {"threshold": 0.1, "min_area": 2}
+    assert info.config.model == str(tiny_sam3_dir)
+    assert info.config.segmenter["device"] == "cpu"
+    results = dataset.load_run_results(run_key_for("sam"))
+    assert results.processed == len(dataset)
+
+
+def test_per_sample_prompts_from_string_list_and_classifications(fo, make_dataset, fo_segmenter, image_paths):
+    paths = image_paths[:3]
+    dataset = make_dataset(
+        paths,
+        text=["red square", None, "green square"],
+        words=[["red square"], ["green square", "red square"], []],
+        classes=[fo.Classifications(classifications=[fo.Classification(label="red square")]), None, None],
+    )
+    for field, expected in (("text", [["red square"], None, ["green square"]]),
+                            ("words", [["red square"], ["green square", "red square"], None]),
+                            ("classes", [["red square"], None, None])):
+        summary = segment_samples(dataset, None, f"by_{field}", segmenter=fo_segmenter, threshold=0.0,
+                                  prompt_field=field)
+        assert summary.no_prompts == sum(e is None for e in expected)
+        for sample, prompts in zip(dataset, expected):
+            if prompts is None:
+                assert sample[f"by_{field}"] is None
+            else:
+                assert_matches_core(sample[f"by_{field}"], fo_segmenter.segment(sample.filepath, prompts, threshold=0.0))
+
+
+def test_exemplar_boxes_reach_the_core_in_pixels(fo, make_dataset, fo_segmenter, image_paths):
+    from promptseg.images import load_image
+
+    box = fo.Detection(label="red square", bounding_box=[1 / 6, 0.2, 1 / 3, 0.3])
+    dataset = make_dataset(image_paths[:2], examples=[fo.Detections(detections=[box]), None])
+    segment_samples(dataset, ["red square"], "sam", segmenter=fo_segmenter, threshold=0.0, exemplar_field="examples")
+    first, second = dataset
+    height, width = load_image(first.filepath).shape[:2]
+    pixels = [[width / 6, 0.2 * height, width / 6 + width / 3, 0.5 * height]]
+    with_box = fo_segmenter.segment(first.filepath, ["red square"], threshold=0.0, exemplars=pixels)
+    assert_matches_core(first["sam"], with_box)
+    assert_matches_core(second["sam"], fo_segmenter.segment(second.filepath, ["red square"], threshold=0.0))
+
+
+def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_segmenter):
+    dataset.add_sample_field("note", fo.StringField)
+    with pytest.raises(PromptError, match="No prompt"):
+        segment_samples(dataset, [], "sam", segmenter=fo_segmenter)
+    with pytest.raises(PromptError, match="empty"):
+        segment_samples(dataset, ["car", " "], "sam", segmenter=fo_segmenter)
+    with pytest.raises(OptionError, match="Bad label field name 'my.field'"):
+        segment_samples(dataset, ["car"], "my.field", segmenter=fo_segmenter)
+    with pytest.raises(OptionError, match="'note' already holds StringField, not Detections"):
+        segment_samples(dataset, ["car"], "note", segmenter=fo_segmenter)
+    with pytest.raises(OptionError, match="prompt field 'nope' is not a field"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, prompt_field="nope")
+    with pytest.raises(OptionError, match="threshold"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, threshold=2)
