@@ -217,6 +217,7 @@ def _scale(array: np.ndarray, percentiles: tuple[float, float], limits: Any = No
         values *= gain
         if np.issubdtype(array.dtype, np.floating):
             values[~np.isfinite(values)] = 0
+        np.rint(values, out=values)
         np.clip(values, 0, 255, out=values)
         out[start : start + block] = values
     return out

@@ -211,8 +211,8 @@ def test_bad_tiling_options_are_explained(tile, overlap, match):
 
 def test_tiny_sam3_runs_the_tiled_path(make_segmenter, rgb_image):
     seg = make_segmenter()
-    result = seg.segment(rgb_image, ["red square", "green square"], threshold=0.0, tile=64, overlap=16)
-    tiles = tile_grid(rgb_image.shape[:2], 64, 16)
+    result = seg.segment(rgb_image, ["red square", "green square"], threshold=0.0, tile=100, overlap=20)
+    tiles = tile_grid(rgb_image.shape[:2], 100, 20)
     assert result.info["tiles"] == len(tiles)
     assert seg.stats.image_encoder_runs == len(tiles)
     assert len(result) > 0
@@ -223,5 +223,5 @@ def test_tiny_sam3_runs_the_tiled_path(make_segmenter, rgb_image):
         assert inst.mask.shape == (y1 - y0, x1 - x0) and inst.mask.any()
         assert 1 <= inst.extra["tiles"] <= len(tiles)
     assert result.to_label_image().shape == (height, width)
-    again = seg.segment(rgb_image, "red square", threshold=0.0, tile=64, overlap=16)
+    again = seg.segment(rgb_image, "red square", threshold=0.0, tile=100, overlap=20)
     assert seg.stats.image_encoder_runs == len(tiles) and again.embedding_source == "memory"
