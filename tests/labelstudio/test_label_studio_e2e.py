@@ -1,0 +1,228 @@
+"""End to end against a real Label Studio server: projects of each config type, uploaded images,
+the backend connected with ``ls.ml.create``, batch pre-annotation, an interactive prompt, and the
+stored predictions compared with the core's masks pixel for pixel.
+
+Label Studio runs from its own virtual environment (its pins conflict with ours): the executable
+is `PROMPTSEG_LABEL_STUDIO`, else ``label-studio`` on PATH, else /work/lsvenv/bin/label-studio.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from lshelpers import CONFIGS, decode_brush, make_image, region_label
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+TOKEN = "promptsegtesttoken0123456789"
+FALLBACK = "/work/lsvenv/bin/label-studio"
+STARTUP_SECONDS = 480  # a first start migrates a fresh sqlite database (~30 s, minutes on a busy 2-core box)
+
+
+def label_studio_executable() -> str | None:
+    configured = os.environ.get("PROMPTSEG_LABEL_STUDIO")
+    if configured:
+        return configured if Path(configured).exists() or shutil.which(configured) else None
+    return shutil.which("label-studio") or (FALLBACK if Path(FALLBACK).exists() else None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode} while starting:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"{url} did not come up within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server we started, by its PID (its own process group), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    executable = label_studio_executable()
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("Label Studio is not installed but CI is set: create its venv and set PROMPTSEG_LABEL_STUDIO "
+                        "(see docs/labelstudio.md).")
+        pytest.skip("Label Studio not found: set PROMPTSEG_LABEL_STUDIO to a label-studio executable to run this test.")
+    data = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    env.update(
+        LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_HOST=url, HOME=str(data),
+        ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false",
+        COLLECT_ANALYTICS="false", DJANGO_DB="sqlite",
+    )
+    command = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+               "--username", "test@example.com", "--password", "promptseg-pass-1", "--user-token", TOKEN,
+               "--enable-legacy-api-token"]
+    log = data / "label-studio.log"
+    process = start(command, env, log)
+    try:
+        wait_for(f"{url}/health", process, STARTUP_SECONDS, log)
+        yield url
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sam3_dir, tmp_path_factory):
+    """Our backend through its real command, ``promptseg labelstudio serve`` (waitress), in a subprocess.
+
+    No LABEL_STUDIO_URL/API key and the default threshold: the host and token come from Label
+    Studio's ``/setup`` call, the threshold from the project's extra params.
+    """
+    work = tmp_path_factory.mktemp("backend")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_")) and k not in ("PROMPTSEG_THRESHOLD", "LOCAL_FILES_DOCUMENT_ROOT")}
+    env.update(PROMPTSEG_CACHE_DIR=str(work / "cache"), PROMPTSEG_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "promptseg.cli", "labelstudio", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--model", str(tiny_sam3_dir)]
+    log = work / "backend.log"
+    process = start(command, env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process, 180, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("upload")
+    paths = []
+    for seed in (0, 1):
+        path = folder / f"photo{seed}.png"
+        Image.fromarray(make_image(seed, size=(72, 96))).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def core(tiny_sam3_dir, tmp_path_factory):
+    """The core on its own, for the reference masks."""
+    import promptseg
+
+    return promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=tmp_path_factory.mktemp("core-cache"))
+
+
+def make_project(ls, url, kind, images, backend):
+    project = ls.projects.create(title=f"promptseg {kind}", label_config=CONFIGS[kind])
+    for path in images:  # uploaded files, served by Label Studio
+        with open(path, "rb") as handle:
+            response = requests.post(f"{url}/api/projects/{project.id}/import", headers={"Authorization": f"Token {TOKEN}"},
+                                     files={"file": (path.name, handle, "image/png")}, timeout=60)
+        response.raise_for_status()
+    tasks = sorted(ls.tasks.list(project=project.id), key=lambda t: t.id)
+    assert len(tasks) == len(images)
+    ml = ls.ml.create(project=project.id, url=backend, title="promptseg", is_interactive=True,
+                      extra_params={"threshold": 0.0})
+    return project, tasks, ml
+
+
+def stored_regions(ls, task_id):
+    predictions = list(ls.predictions.list(task=task_id))
+    assert len(predictions) == 1, predictions
+    assert predictions[0].model_version.startswith("promptseg-")
+    return predictions[0].result
+
+
+def test_pre_annotation_and_interactive_prompt_through_label_studio(label_studio, backend, images, core):
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    prompts = {"brush": ["cat", "small dog"], "polygon": ["cat", "dog"], "rectangle": ["cat", "dog"]}
+    labels = {"cat": "cat", "dog": "dog", "small dog": "dog"}
+    for kind in ("brush", "polygon", "rectangle"):
+        project, tasks, ml = make_project(ls, label_studio, kind, images, backend)
+        assert ls.ml.get(ml.id).state == "CO", f"backend not connected: {ls.ml.get(ml.id).error_message}"
+        ls.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                          selected_items={"all": True, "excluded": []})
+        for task, path in zip(tasks, images):
+            regions = stored_regions(ls, task.id)
+            result = core.segment(str(path), prompts[kind], threshold=0.0)
+            height, width = result.image_size
+            assert len(result) > 0
+            if kind == "brush":
+                assert len(regions) == len(result)
+                for region, inst in zip(regions, result.instances):
+                    assert region_label(region) == labels[inst.label]
+                    np.testing.assert_array_equal(decode_brush(region), inst.full_mask(height, width))
+            elif kind == "rectangle":
+                assert len(regions) == len(result)
+                for region, inst in zip(regions, result.instances):
+                    v = region["value"]
+                    box = tuple(round(p) for p in (v["x"] * width / 100, v["y"] * height / 100,
+                                                   (v["x"] + v["width"]) * width / 100, (v["y"] + v["height"]) * height / 100))
+                    assert box == inst.box and v["rectanglelabels"] == [inst.label]
+            else:
+                expected = [(inst.label, poly) for inst, polys in zip(result.instances, result.to_polygons()) for poly in polys]
+                assert len(regions) == len(expected)
+                for region, (label, poly) in zip(regions, expected):
+                    assert region["value"]["polygonlabels"] == [label]
+                    np.testing.assert_allclose(np.asarray(region["value"]["points"]) * (width / 100, height / 100), poly, atol=1e-6)
+
+        if kind == "brush":  # an annotator types a prompt in the TextArea
+            context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                                   "value": {"text": ["fluffy cat"]}}]}
+            raw = ls.ml.with_raw_response.predict_interactive(ml.id, task=tasks[0].id, context=context)
+            body = raw.response.json()
+            assert "errors" not in body, body
+            regions = body["data"]["result"]
+            result = core.segment(str(images[0]), ["fluffy cat"], threshold=0.0)
+            assert len(regions) == len(result) > 0
+            for region, inst in zip(regions, result.instances):
+                assert region_label(region) == "cat" and region["score"] == pytest.approx(inst.score)
+                np.testing.assert_array_equal(decode_brush(region), inst.full_mask(*result.image_size))
+
+
+def test_bad_task_through_label_studio_stores_nothing_and_backend_survives(label_studio, backend, images):
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    project, tasks, ml = make_project(ls, label_studio, "rectangle", images[:1], backend)
+    bad = ls.tasks.create(project=project.id, data={"image": "http://169.254.169.254/latest/meta-data/x.png"})
+    ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
+    assert len(list(ls.predictions.list(task=tasks[0].id))) == 1
+    assert list(ls.predictions.list(task=bad.id)) == []
+    assert requests.get(f"{backend}/health", timeout=5).json()["status"] == "UP"
