@@ -1,0 +1,94 @@
+"""The `@promptseg/fiftyone/segment_with_text` operator, loaded by FiftyOne from its plugins dir."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import URI
+from fo_helpers import assert_matches_core
+
+PROMPTS = ["red square", "green square"]
+
+
+@pytest.fixture(scope="module")
+def operator(fo):
+    import fiftyone.operators as foo
+
+    return foo.get_operator(URI)
+
+
+@pytest.fixture
+def params(tiny_sam3_dir, fo_segmenter):
+    # fo_segmenter is the cached segmenter the operator will reuse for these model/device values.
+    return {"prompts": PROMPTS, "label_field": "sam", "threshold": 0.0, "model": str(tiny_sam3_dir), "device": "cpu"}
+
+
+def test_plugin_is_found_in_the_plugins_dir(fo):
+    import fiftyone.plugins as fop
+
+    assert "@promptseg/fiftyone" in [p.name for p in fop.list_plugins()]
+
+
+def test_runs_immediately_on_the_dataset_and_asks_the_app_to_reload(fo, dataset, params, fo_segmenter):
+    import fiftyone.operators as foo
+
+    result = foo.execute_operator(URI, ctx={"dataset": dataset, "params": params})
+    assert result.result["processed"] == len(dataset)
+    assert "reload_dataset" in [r["operator_uri"] for r in result.executor.to_json()["requests"]]
+    for sample in dataset:
+        assert_matches_core(sample["sam"], fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0))
+
+
+def test_runs_on_a_view_and_on_selected_samples_only(fo, dataset, params):
+    import fiftyone.operators as foo
+
+    view = dataset.skip(1).limit(2)
+    foo.execute_operator(URI, ctx={"view": view, "params": {**params, "view_target": "CURRENT_VIEW"}})
+    assert [v is not None for v in dataset.values("sam")] == [False, True, True, False, False, False]
+
+    selected = dataset.values("id")[-1:]
+    foo.execute_operator(URI, ctx={"dataset": dataset, "selected": selected,
+                                   "params": {**params, "label_field": "picked", "view_target": "SELECTED_SAMPLES"}})
+    assert [v is not None for v in dataset.values("picked")] == [False] * 5 + [True]
+
+
+def test_call_from_python_skips_done_samples(operator, dataset, params):
+    first = operator(dataset.limit(2), PROMPTS, "sam", threshold=0.0, model=params["model"], device="cpu")
+    assert first.result["processed"] == 2
+    second = operator(dataset, PROMPTS, "sam", threshold=0.0, model=params["model"], device="cpu")
+    assert second.result["skipped"] == 2 and second.result["processed"] == len(dataset) - 2
+
+
+def test_delegated_run_is_queued_then_executed(fo, operator, dataset, params, fo_segmenter):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    queued = operator(dataset, PROMPTS, "later", threshold=0.0, model=params["model"], device="cpu", delegate=True)
+    assert queued.delegated
+    assert not dataset.has_field("later")  # nothing happens until a worker runs it
+    service = DelegatedOperationService()
+    service.execute_queued_operations(operator=URI, dataset_name=dataset.name)
+    (run,) = service.list_operations(operator=URI, dataset_name=dataset.name)
+    assert run.run_state == ExecutionRunState.COMPLETED, run.run_state
+    assert run.result.result["processed"] == len(dataset)
+    dataset.reload()
+    for sample in dataset:
+        assert_matches_core(sample["later"], fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompts": []}, "Add at least one prompt"),
+        ({"prompts": ["car", "  "]}, "A prompt is empty"),
+        ({"label_field": "bad.name"}, "Bad label field name"),
+        ({"label_field": "filepath"}, "already holds StringField, not Detections"),
+    ],
+)
+def test_form_errors_name_the_problem(fo, dataset, params, change, message):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionError
+
+    with pytest.raises(ExecutionError) as excinfo:
+        foo.execute_operator(URI, ctx={"dataset": dataset, "params": {**params, **change}})
+    assert message in str(excinfo.value)
+    assert not dataset.has_field("sam") or dataset.count("sam") == 0
