@@ -1,0 +1,51 @@
+"""`PromptsegModel` through FiftyOne's own `apply_model`."""
+
+from __future__ import annotations
+
+import pytest
+from fo_helpers import assert_matches_core
+
+from promptseg.errors import PromptError
+from promptseg_fiftyone.model import PromptsegModel
+
+
+def test_apply_model_with_fixed_prompts(dataset, fo_segmenter):
+    dataset.apply_model(PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=0.0), "sam")
+    for sample in dataset:
+        assert_matches_core(sample["sam"], fo_segmenter.segment(sample.filepath, ["red square"], threshold=0.0))
+
+
+def test_apply_model_with_a_prompt_field_and_batches(fo, make_dataset, fo_segmenter, image_paths):
+    classes = [fo.Classifications(classifications=[fo.Classification(label=label)])
+               for label in ("red square", "green square", "red square")]
+    dataset = make_dataset(image_paths[:3], gt=classes)
+    model = PromptsegModel(segmenter=fo_segmenter, threshold=0.0)
+    dataset.apply_model(model, "sam", prompt_field="gt", batch_size=2)
+    for sample in dataset:
+        expected = fo_segmenter.segment(sample.filepath, [sample.gt.classifications[0].label], threshold=0.0)
+        assert_matches_core(sample["sam"], expected)
+
+
+def test_exemplar_field_from_the_constructor_survives_apply_model_kwargs(fo, make_dataset, fo_segmenter, image_paths):
+    from promptseg.images import load_image
+
+    boxes = fo.Detections(detections=[fo.Detection(label="red square", bounding_box=[0.2, 0.25, 0.3, 0.25])])
+    dataset = make_dataset(image_paths[:1], words=["red square"], examples=[boxes])
+    model = PromptsegModel(segmenter=fo_segmenter, exemplar_field="examples", threshold=0.0)
+    dataset.apply_model(model, "sam", prompt_field="words")
+    sample = dataset.first()
+    height, width = load_image(sample.filepath).shape[:2]
+    exemplars = [[0.2 * width, 0.25 * height, 0.5 * width, 0.5 * height]]
+    expected = fo_segmenter.segment(sample.filepath, ["red square"], threshold=0.0, exemplars=exemplars)
+    assert_matches_core(sample["sam"], expected)
+
+
+def test_corrupt_image_is_skipped_by_apply_model(make_dataset, fo_segmenter, image_paths, corrupt_path):
+    dataset = make_dataset([corrupt_path, image_paths[0]])
+    dataset.apply_model(PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=0.0), "sam")
+    assert dataset.values("sam")[0] is None and dataset.values("sam")[1] is not None
+
+
+def test_model_without_any_prompt_source_says_so(fo_segmenter, image_paths):
+    with pytest.raises(PromptError, match="no prompts"):
+        PromptsegModel(segmenter=fo_segmenter).predict(image_paths[0])
