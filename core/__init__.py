@@ -34,10 +34,14 @@ _LAZY = {
     "Instance": "promptseg.results",
     "SegmentationResult": "promptseg.results",
     "load_image": "promptseg.images",
+    "load_clip": "promptseg.clip",
+    "map_to_labels": "promptseg.suggest",
 }
 
 if TYPE_CHECKING:
+    from promptseg.clip import load_clip
     from promptseg.images import load_image
+    from promptseg.suggest import map_to_labels
     from promptseg.results import Instance, SegmentationResult
     from promptseg.segmenter import DEFAULT_MODEL, Segmenter, default_model, load_segmenter
 
@@ -65,6 +69,8 @@ __all__ = [
     "Segmenter",
     "default_model",
     "hookimpl",
+    "load_clip",
     "load_image",
     "load_segmenter",
+    "map_to_labels",
 ]

@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--model", default=None, help="model to check (default: PROMPTSEG_MODEL or facebook/sam3)")
     doctor.set_defaults(func=run_doctor)
 
+    suggest = sub.add_parser("suggest", help="list what CLIP sees in an image (prompt ideas)",
+                             description="Rank a vocabulary (default: COCO + LVIS object names) by "
+                             "CLIP image-text similarity and print the top phrases.")
+    suggest.add_argument("image", metavar="IMAGE", help="image file")
+    suggest.add_argument("-k", type=int, default=10, help="how many phrases (default: %(default)s)")
+    suggest.add_argument("--vocabulary", type=Path, default=None,
+                         help="text file with one phrase per line (default: the shipped COCO + LVIS names)")
+    suggest.add_argument("--clip", default=None, metavar="MODEL",
+                         help="CLIP model (default: PROMPTSEG_CLIP or ViT-B-32/laion2b_s34b_b79k)")
+    suggest.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
+    suggest.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    suggest.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
+    suggest.set_defaults(func=run_suggest)
+
     cache = sub.add_parser("cache", help="show or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: PROMPTSEG_CACHE_DIR or the user cache dir)")
@@ -63,6 +77,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: fp16 on CUDA, fp32 elsewhere")
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
     parser.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
+    parser.add_argument("--clip", default=None, metavar="MODEL",
+                        help="add a CLIP scorer: NAME/TAG (e.g. ViT-B-32/laion2b_s34b_b79k), NAME/PATH, "
+                        "hf-hub:ORG/REPO or local-dir:DIR; every instance gets clip_score and a fused score")
 
 
 def add_segment_options(parser: argparse.ArgumentParser) -> None:
@@ -71,13 +88,23 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-area", type=int, default=0, help="drop masks smaller than this many pixels")
     parser.add_argument("--smooth", type=int, default=0, help="close each mask with a disc of this radius (pixels)")
     parser.add_argument("--max-instances", type=int, default=None, help="keep at most this many instances per image")
+    parser.add_argument("--verify", action="store_true", help="with --clip: drop instances CLIP does not confirm")
+    parser.add_argument("--clip-threshold", type=float, default=None,
+                        help="with --verify: minimum CLIPScore, 0..1 (default: 0.5)")
+    parser.add_argument("--negative", action="append", default=None, metavar="TEXT",
+                        help="with --clip: drop instances closer to this phrase than to their prompt; repeat for several")
+    parser.add_argument("--negative-margin", type=float, default=0.0,
+                        help="how much closer (cosine) a negative must be to drop an instance (default: %(default)s)")
+    parser.add_argument("--exclusive", action="store_true",
+                        help="with --clip: one label per object; CLIP picks among the prompts where masks overlap")
 
 
 def load_from_args(args: argparse.Namespace):
     from promptseg.segmenter import load_segmenter
 
     cache_dir = False if getattr(args, "no_cache", False) else args.cache_dir
-    return load_segmenter(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_dir)
+    return load_segmenter(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_dir,
+                          clip=getattr(args, "clip", None))
 
 
 def segment_options(args: argparse.Namespace) -> dict:
@@ -87,7 +114,21 @@ def segment_options(args: argparse.Namespace) -> dict:
         "min_area": args.min_area,
         "smooth": args.smooth,
         "max_instances": args.max_instances,
+        **clip_options(args),
     }
+
+
+def clip_options(args: argparse.Namespace) -> dict:
+    """The CLIP options given on the command line (only those set, so callers without CLIP are unaffected)."""
+    options = {
+        "verify": getattr(args, "verify", False),
+        "clip_threshold": getattr(args, "clip_threshold", None),
+        "negative": getattr(args, "negative", None),
+        "negative_margin": getattr(args, "negative_margin", 0.0),
+        "exclusive": getattr(args, "exclusive", False),
+    }
+    defaults = {"verify": False, "clip_threshold": None, "negative": None, "negative_margin": 0.0, "exclusive": False}
+    return {key: value for key, value in options.items() if value is not defaults[key] and value != defaults[key]}
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -141,6 +182,17 @@ def run_segment(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} image(s) could not be read: {', '.join(map(str, failed))}", file=sys.stderr)
         return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    from promptseg.clip import load_clip
+    from promptseg.images import load_image
+    from promptseg.suggest import suggest_prompts
+
+    scorer = load_clip(args.clip, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    for phrase, probability in suggest_prompts(scorer, load_image(args.image), args.vocabulary, args.k):
+        print(f"{probability:.3f}\t{phrase}")
     return EXIT_OK
 
 

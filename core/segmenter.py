@@ -33,6 +33,7 @@ from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
 from promptseg.stacks import StackResult
+from promptseg.verify import plan_clip
 from promptseg.tiling import resolve_tiling, segment_tiled
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def load_segmenter(
     memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
     disk_cache_bytes: int = DEFAULT_DISK_BYTES,
     prompt_batch_size: int = 8,
+    clip: str | bool | None = None,
     **backend_options: Any,
 ) -> Segmenter:
     """Load a model and return a `Segmenter` that caches image embeddings.
@@ -76,6 +78,9 @@ def load_segmenter(
     ``"auto"`` (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
     `cache_dir` is the disk cache (default `PROMPTSEG_CACHE_DIR` or the user cache dir;
     ``False`` for memory only). `backend` forces a registered backend by name.
+    `clip` adds a CLIP scorer (``"ViT-B-32/laion2b_s34b_b79k"``, a path, ``hf-hub:``/``local-dir:``,
+    or True for the default) for verification, negatives, label sets and suggestions
+    (see `promptseg.clip.load_clip`); None (the default) changes nothing.
     """
     from promptseg.plugins import registry
 
@@ -91,7 +96,12 @@ def load_segmenter(
     if cache_dir is not False:
         disk = DiskCache(Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir(), disk_cache_bytes)
     cache = EmbeddingCache(MemoryCache(memory_cache_bytes), disk)
-    return Segmenter(loaded, cache, prompt_batch_size=prompt_batch_size, model_name=str(model))
+    scorer = None
+    if clip not in (None, False):
+        from promptseg.clip import load_clip
+
+        scorer = load_clip(clip, device=torch_device, dtype=torch_dtype, cache_dir=cache_dir)
+    return Segmenter(loaded, cache, prompt_batch_size=prompt_batch_size, model_name=str(model), clip=scorer)
 
 
 class Segmenter:
@@ -108,8 +118,11 @@ class Segmenter:
         cache: EmbeddingCache | None = None,
         prompt_batch_size: int = 8,
         model_name: str | None = None,
+        clip: Any = None,
     ) -> None:
         self.backend = backend
+        self.clip = clip
+        """The `ClipScorer` used for CLIP options and suggestions, or None."""
         self.cache = cache if cache is not None else EmbeddingCache()
         self.text_cache = MemoryCache(256 * 1024**2)
         self.prompt_batch_size = prompt_batch_size
@@ -133,6 +146,7 @@ class Segmenter:
             "backend": self.backend.name,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            **(self.clip.describe() if self.clip is not None else {}),
         }
 
     def segment(
@@ -155,6 +169,11 @@ class Segmenter:
         channels: Sequence[int] | None = None,
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
+        verify: bool = False,
+        clip_threshold: float | None = None,
+        negative: str | Sequence[str] | None = None,
+        negative_margin: float = 0.0,
+        exclusive: bool = False,
     ) -> SegmentationResult:
         """Find every instance of each prompt in `image`.
 
@@ -172,19 +191,30 @@ class Segmenter:
         (low, high) map non-uint8 values to 0..255; `channels` picks up to three channels as RGB.
         `progress(total, advance)` is told the number of tiles (1 untiled) and each one done;
         `cancel()` is checked before each, raising `CancelledError`.
+
+        With a CLIP scorer (``load_segmenter(clip=...)``) every instance gets ``clip_score`` and
+        a fused ``score`` (see `promptseg.verify`); `verify` drops instances whose CLIPScore is
+        below `clip_threshold` (default 0.5); `negative` phrases drop instances CLIP finds closer
+        to them than to their prompt by more than `negative_margin`; `exclusive` gives each
+        object one label of the prompt set. Non-English prompts are mapped to English phrases
+        with a multilingual CLIP.
         """
         phrases = ensure_prompt_list(prompts)
+        clip_plan = plan_clip(self.clip, phrases, verify, clip_threshold, negative, negative_margin, exclusive)
+        if clip_plan is not None:
+            phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
         _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
         rgb = load_image(image, percentiles=percentiles, channels=channels)
         source = str(image) if isinstance(image, (str, os.PathLike)) else None
         grid = resolve_tiling(tile, overlap, rgb.shape[:2], self.backend.input_size)
         if grid is not None:
-            return segment_tiled(
+            result = segment_tiled(
                 self, rgb, phrases, tile=grid[0], overlap=grid[1], threshold=threshold,
                 mask_threshold=mask_threshold, min_area=min_area, smooth=smooth, max_instances=max_instances,
                 iou_threshold=iou_threshold, cross_prompt_iou=cross_prompt_iou, exemplars=exemplars,
                 exemplar_labels=exemplar_labels, progress=progress, cancel=cancel, source=source,
             )
+            return result if clip_plan is None else clip_plan.finish(rgb, result)
         if cancel is not None and cancel():
             raise CancelledError("Segmentation was cancelled.")
         if progress:
@@ -198,10 +228,20 @@ class Segmenter:
             raw, rgb.shape[:2], smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
             cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,
         )
-        return SegmentationResult(
+        result = SegmentationResult(
             instances=instances, image_size=rgb.shape[:2], prompts=phrases,
             embedding_source=origin, source=source,
         )
+        return result if clip_plan is None else clip_plan.finish(rgb, result)
+
+    def suggest_prompts(self, image: Any, vocabulary: Any = None, k: int = 10) -> list[tuple[str, float]]:
+        """The `k` phrases of `vocabulary` (default: the shipped COCO + LVIS names, or a file or
+        list) CLIP finds most likely in `image`, as ``(phrase, probability)``; needs ``clip=``."""
+        if self.clip is None:
+            raise OptionError("suggest_prompts needs a CLIP model: load_segmenter(..., clip=True) or --clip MODEL.")
+        from promptseg.suggest import suggest_prompts
+
+        return suggest_prompts(self.clip, load_image(image), vocabulary, k)
 
     def segment_batch(
         self,
