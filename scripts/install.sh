@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install promptseg into ./.venv on a fresh machine (Python >= 3.11, pip).
+#   bash scripts/install.sh          # the package with every adapter
+#   bash scripts/install.sh --test   # plus test tools, Xvfb and a Label Studio server in ./.venv-labelstudio
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# torch/torchvision pins that work on the CPU-only machines we test on; harmless elsewhere
+CONSTRAINTS=.ci/constraints.txt
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+if [ "${1:-}" = "--test" ]; then
+    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]"
+    # GUI tests need a real X server for napari's GL canvas
+    if ! command -v xvfb-run >/dev/null; then
+        SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq xvfb >/dev/null
+    fi
+    # Label Studio pins Django and friends: it gets its own environment, used only as a server
+    [ -x .venv-labelstudio/bin/python ] || "$PYTHON" -m venv .venv-labelstudio
+    .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
+    .venv-labelstudio/bin/python -m pip install --quiet "label-studio==1.23.2"
+else
+    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[all]"
+fi
+echo "promptseg installed in .venv ($(.venv/bin/promptseg --help >/dev/null && echo ok))"
