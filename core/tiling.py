@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from promptseg.errors import CancelledError, OptionError
-from promptseg.masks import mask_nms, postprocess, tight_box
+from promptseg.masks import mask_iou, mask_nms, postprocess, tight_box
 from promptseg.results import Instance, SegmentationResult
 
 if TYPE_CHECKING:
@@ -194,15 +194,38 @@ def segment_tiled(
     for index, piece in enumerate(pieces):
         members[groups.find(index)].append(piece)
     stitched = [_stitch(group) for _, group in sorted(members.items())]
-    instances = postprocess(
-        stitched, (height, width), smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
-        cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,
-    )
+    instances = postprocess(stitched, (height, width), smooth=smooth, min_area=min_area, iou_threshold=None,
+                            cross_prompt_iou=None)
+    instances = local_nms(local_nms(instances, iou_threshold, True, tile), cross_prompt_iou, False, tile)
+    if max_instances is not None:
+        instances = instances[:max_instances]
     return SegmentationResult(
         instances=instances, image_size=(height, width), prompts=phrases,
         embedding_source=origins.pop() if len(origins) == 1 else "mixed", source=source,
         info={"tiles": len(tiles), "tile": tile, "overlap": overlap, "pieces": len(pieces)},
     )
+
+
+def local_nms(instances: list[Instance], iou_threshold: float | None, per_label: bool, cell: int) -> list[Instance]:
+    """`mask_nms` that compares each candidate only with kept instances in the grid cells its box touches.
+
+    Same result as the all-pairs version (instances whose boxes do not meet have IoU 0), in time
+    proportional to the number of neighbours rather than to the square of the instance count.
+    """
+    ordered = sorted(instances, key=lambda inst: -inst.score)
+    if iou_threshold is None:
+        return ordered
+    grid: dict[tuple[int, int], list[Instance]] = defaultdict(list)
+    kept: list[Instance] = []
+    for candidate in ordered:
+        x0, y0, x1, y1 = candidate.box
+        cells = [(r, c) for r in range(y0 // cell, (y1 - 1) // cell + 1) for c in range(x0 // cell, (x1 - 1) // cell + 1)]
+        near = {id(k): k for key in cells for k in grid[key]}.values()
+        if all((per_label and k.label != candidate.label) or mask_iou(k, candidate) <= iou_threshold for k in near):
+            kept.append(candidate)
+            for key in cells:
+                grid[key].append(candidate)
+    return kept
 
 
 def _segment_tile(

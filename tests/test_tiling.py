@@ -225,3 +225,24 @@ def test_tiny_sam3_runs_the_tiled_path(make_segmenter, rgb_image):
     assert result.to_label_image().shape == (height, width)
     again = seg.segment(rgb_image, "red square", threshold=0.0, tile=100, overlap=20)
     assert seg.stats.image_encoder_runs == len(tiles) and again.embedding_source == "memory"
+
+
+def test_local_nms_keeps_what_all_pairs_nms_keeps():
+    from promptseg.masks import mask_nms
+    from promptseg.results import Instance
+    from promptseg.tiling import local_nms
+
+    rng = np.random.default_rng(8)
+    instances = []
+    for i in range(300):
+        x0, y0 = (int(v) for v in rng.integers(0, 400, 2))
+        w, h = (int(v) for v in rng.integers(5, 90, 2))
+        mask = rng.random((h, w)) < 0.9
+        instances.append(Instance(label="ab"[i % 2], score=float(rng.random()), box=(x0, y0, x0 + w, y0 + h), mask=mask))
+        if i % 3 == 0:  # a near-duplicate
+            instances.append(Instance(label="ab"[i % 2], score=float(rng.random()),
+                                      box=(x0 + 1, y0, x0 + w + 1, y0 + h), mask=mask))
+    for per_label in (True, False):
+        expected = mask_nms(instances, 0.5, per_label=per_label)
+        assert [id(i) for i in local_nms(instances, 0.5, per_label, 64)] == [id(i) for i in expected]
+        assert len(expected) < len(instances)
