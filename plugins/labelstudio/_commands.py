@@ -29,8 +29,6 @@ def promptseg_add_commands(subparsers) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from waitress import serve
 
     from promptseg_labelstudio.app import create_app

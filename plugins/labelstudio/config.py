@@ -8,7 +8,7 @@ its default score threshold and the limits that keep a network service safe.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,7 +40,6 @@ class BackendConfig:
     document_root: Path | None = None
     download_dir: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:

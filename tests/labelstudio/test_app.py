@@ -329,3 +329,25 @@ def test_label_studio_project_ids_share_settings(client):
     from promptseg_labelstudio.model import _project_key
 
     assert _project_key("12.1700000000") == _project_key(12) == "12"
+
+
+def test_serve_command_is_registered_with_its_options():
+    from promptseg.cli import build_parser
+    from promptseg_labelstudio._commands import run_serve
+
+    args = build_parser().parse_args(["labelstudio", "serve", "--host", "127.0.0.1", "--port", "9191", "--model", "m"])
+    assert (args.host, args.port, args.model, args.func) == ("127.0.0.1", 9191, "m", run_serve)
+
+
+def test_wsgi_entry_builds_the_app_lazily_from_the_environment(monkeypatch, tiny_sam3_dir, ls_image_root):
+    import importlib
+
+    monkeypatch.setenv("PROMPTSEG_MODEL", str(tiny_sam3_dir))
+    monkeypatch.setenv("PROMPTSEG_DEVICE", "cpu")
+    monkeypatch.setenv("PROMPTSEG_THRESHOLD", "0.0")
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(ls_image_root))
+    wsgi = importlib.reload(importlib.import_module("promptseg_labelstudio._wsgi"))
+    client = wsgi.app.test_client()
+    assert wsgi.app is wsgi.app
+    [prediction] = predict(client, CONFIGS["rectangle"], ["image0.png"])
+    assert len(prediction["result"]) > 0
