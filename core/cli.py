@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--format", choices=["png", "coco", "json"], default="png",
                      help="png: instance-label PNG + overlay PNG per image; coco: one COCO results "
                      "file; json: one JSON per image (default: %(default)s)")
+    seg.add_argument("--stack", action="store_true",
+                     help="treat each image as a Z/T stack (multi-page or OME-TIFF): write STEM.labels.tif")
+    seg.add_argument("--axes", default=None, help="with --stack: axis layout such as ZYX, TCYX (default: from the file)")
+    seg.add_argument("--link", type=float, nargs="?", const=0.3, default=None, metavar="IOU",
+                     help="with --stack: give an object one id through the slices (mask IoU, default 0.3)")
     add_model_options(seg)
     add_segment_options(seg)
     seg.set_defaults(func=run_segment)
@@ -97,6 +102,33 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
                         help="how much closer (cosine) a negative must be to drop an instance (default: %(default)s)")
     parser.add_argument("--exclusive", action="store_true",
                         help="with --clip: one label per object; CLIP picks among the prompts where masks overlap")
+    parser.add_argument("--tile", type=_tile_size, default=None, metavar="PX|auto",
+                        help="split large images into overlapping tiles of this many pixels ('auto': tile "
+                        "when much larger than the model input); objects cut by tiles are stitched")
+    parser.add_argument("--overlap", type=int, default=None, metavar="PX", help="tile overlap (default: tile / 8)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="for 16-bit/float images: intensity percentiles mapped to black/white (default: 0.5 99.5)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+                        help="for multichannel images: one to three channel indices shown to the model as RGB")
+
+
+def _tile_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile takes a number of pixels or 'auto', not {value!r}") from None
+
+
+def pixel_options(args: argparse.Namespace) -> dict:
+    """How to turn scientific pixels into RGB (`load_image` / `segment_stack` options), only those set."""
+    options = {}
+    if getattr(args, "percentiles", None) is not None:
+        options["percentiles"] = tuple(args.percentiles)
+    if getattr(args, "channels", None) is not None:
+        options["channels"] = tuple(args.channels)
+    return options
 
 
 def load_from_args(args: argparse.Namespace):
@@ -115,6 +147,7 @@ def segment_options(args: argparse.Namespace) -> dict:
         "smooth": args.smooth,
         "max_instances": args.max_instances,
         **clip_options(args),
+        **{key: getattr(args, key) for key in ("tile", "overlap") if getattr(args, key, None) is not None},
     }
 
 
@@ -148,7 +181,10 @@ def run_segment(args: argparse.Namespace) -> int:
     for index, path in enumerate(bar):
         bar.set_postfix_str(Path(path).name)
         try:
-            rgb = load_image(path)
+            if getattr(args, "stack", False):
+                write_stack(segmenter, path, args, options)
+                continue
+            rgb = load_image(path, **pixel_options(args))
             result = segmenter.segment(rgb, args.prompts, **options)
         except ImageError as exc:
             failed.append(path)
@@ -183,6 +219,27 @@ def run_segment(args: argparse.Namespace) -> int:
         print(f"{len(failed)} image(s) could not be read: {', '.join(map(str, failed))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def write_stack(segmenter, path, args: argparse.Namespace, options: dict) -> None:
+    """Segment a multi-page TIFF slice by slice; write its label volume as ``STEM.labels.tif``."""
+    import tifffile
+    from tqdm import tqdm
+
+    bar = tqdm(desc=Path(path).name, unit="slice", disable=None, leave=False)
+
+    def progress(total: int, advance: int) -> None:
+        bar.total = total
+        bar.update(advance)
+
+    link = args.link if args.link is not None else False
+    result = segmenter.segment_stack(path, args.prompts, axes=args.axes, link=link, progress=progress,
+                                     **pixel_options(args), **options)
+    bar.close()
+    volume = result.to_label_volume(dtype="uint16" if result.num_objects < 65536 else "int32")
+    stem = args.out / Path(path).name.split(".")[0]
+    tifffile.imwrite(f"{stem}.labels.tif", volume, metadata={"axes": "ZYX"}, compression="zlib")
+    sys.stderr.write(f"{path}: {len(result)} slice(s), {result.num_objects} object(s)\n")
 
 
 def run_suggest(args: argparse.Namespace) -> int:

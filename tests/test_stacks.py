@@ -127,3 +127,20 @@ def test_a_list_of_images_is_a_stack(make_segmenter, rgb_image, tmp_path):
     assert len(result) == 2 and result.shape == (2, 120, 200)
     # identical slices: every instance of slice 1 continues an object of slice 0
     assert set(result.object_ids[1]) <= set(result.object_ids[0])
+
+
+def test_cli_segments_a_tiff_stack_into_a_label_volume(tiny_sam3_dir, tmp_path):
+    import tifffile
+
+    from promptseg.cli import main
+
+    stack = np.random.default_rng(5).integers(0, 4000, (3, 60, 70), dtype=np.uint16)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, metadata={"axes": "ZYX"})
+    out = tmp_path / "out"
+    code = main(["segment", str(path), "-p", "cell", "--stack", "--link", "--threshold", "0",
+                 "--percentiles", "1", "99", "--model", str(tiny_sam3_dir), "--device", "cpu",
+                 "--no-cache", "--out", str(out)])
+    assert code == 0
+    volume = tifffile.imread(out / "stack.labels.tif")
+    assert volume.shape == (3, 60, 70) and volume.max() >= 1

@@ -246,3 +246,23 @@ def test_local_nms_keeps_what_all_pairs_nms_keeps():
         expected = mask_nms(instances, 0.5, per_label=per_label)
         assert [id(i) for i in local_nms(instances, 0.5, per_label, 64)] == [id(i) for i in expected]
         assert len(expected) < len(instances)
+
+
+def test_cli_tiles_a_large_16_bit_image(tiny_sam3_dir, tmp_path):
+    import json
+
+    import tifffile
+
+    from promptseg.cli import main
+
+    image = np.random.default_rng(9).integers(0, 60000, (2, 130, 150), dtype=np.uint16)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, np.moveaxis(image, 0, -1))
+    out = tmp_path / "out"
+    code = main(["segment", str(path), "-p", "cell", "--tile", "64", "--overlap", "16", "--channels", "1",
+                 "--threshold", "0", "--format", "json", "--model", str(tiny_sam3_dir), "--device", "cpu",
+                 "--no-cache", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "big.json").read_text())
+    assert record["image_size"] == [130, 150] and record["instances"]
+    assert {inst["tiles"] for inst in record["instances"]} <= set(range(1, 10))

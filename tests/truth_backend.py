@@ -59,14 +59,14 @@ class TruthBackend:
 
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         self.images_encoded += 1
-        rgb = pixel_values[0].to(torch.int32)
-        return {"ids": rgb[..., 0] + 256 * rgb[..., 1], "classes": rgb[..., 2].to(torch.uint8)}
+        return {"rgb": pixel_values[0].contiguous()}  # 3 bytes a pixel: what the cache stores
 
     def encode_text(self, phrases: list[str]) -> list[dict[str, torch.Tensor]]:
         return [{"code": torch.tensor([[self.vocabulary.get(p, -1)]])} for p in phrases]
 
     def decode(self, image, texts, threshold, boxes=None, box_labels=None) -> list[Detections]:
-        ids, classes = image["ids"], image["classes"].to(torch.int32)
+        rgb = image["rgb"].to(torch.int32)
+        ids, classes = rgb[..., 0] + 256 * rgb[..., 1], rgb[..., 2]
         height, width = ids.shape
         results = []
         for text in texts:
@@ -96,13 +96,13 @@ class TruthBackend:
         return results
 
 
-def truth_segmenter(vocabulary: dict[str, int], cache_dir=None, **backend_options):
+def truth_segmenter(vocabulary: dict[str, int], cache_dir=None, memory_bytes: int = 2 * 1024**3, **backend_options):
     """A real `Segmenter` with a memory (and optional disk) cache around a `TruthBackend`."""
     from promptseg.cache import DiskCache, EmbeddingCache, MemoryCache
     from promptseg.segmenter import Segmenter
 
     disk = DiskCache(cache_dir) if cache_dir is not None else None
-    return Segmenter(TruthBackend(vocabulary, **backend_options), EmbeddingCache(MemoryCache(), disk))
+    return Segmenter(TruthBackend(vocabulary, **backend_options), EmbeddingCache(MemoryCache(memory_bytes), disk))
 
 
 def random_scene(
