@@ -53,6 +53,7 @@ class PromptsegModel:
         self._projects: dict[str, ProjectSettings] = {}
         self._lock = threading.Lock()
         self._fetchers: dict[tuple[str | None, str | None], ImageFetcher] = {}
+        _import_sdk_parts()
 
     # -- Label Studio's calls ---------------------------------------------------------------
     def setup(self, project: str, schema: str, hostname: str | None = None,
@@ -197,3 +198,14 @@ def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:
 def _project_key(project: Any) -> str:
     """Label Studio sends ``"<id>.<created timestamp>"``: the id part names the project."""
     return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def _import_sdk_parts() -> None:
+    """Import the SDK's config parser, brush codec and fetcher now, not on the first request.
+
+    They take seconds to import, and Label Studio gives ``/setup`` only 3 s (ML_TIMEOUT_SETUP)
+    before it declares the backend broken.
+    """
+    import label_studio_sdk._extensions.label_studio_tools.core.utils.io  # noqa: F401
+    import label_studio_sdk.converter.brush  # noqa: F401
+    import label_studio_sdk.label_interface  # noqa: F401

@@ -89,6 +89,8 @@ def label_studio(tmp_path_factory):
         LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_HOST=url, HOME=str(data),
         ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false",
         COLLECT_ANALYTICS="false", DJANGO_DB="sqlite",
+        # a busy 2-core CI runner can exceed the 1 s health / 3 s setup defaults
+        ML_TIMEOUT_HEALTH="10", ML_TIMEOUT_SETUP="30",
     )
     command = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
                "--username", "test@example.com", "--password", "promptseg-pass-1", "--user-token", TOKEN,
