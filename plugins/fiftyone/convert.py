@@ -131,3 +131,28 @@ def exemplars_from_value(value: Any, image_size: tuple[int, int], field: str = "
         )
     boxes = [d.bounding_box for d in value.detections if d.bounding_box is not None]
     return [pixel_box(b, image_size) for b in boxes if b[2] > 0 and b[3] > 0]
+
+
+def to_result(detections, image_size: tuple[int, int]):
+    """`fo.Detections` (ours or anyone's) back to a `SegmentationResult`, e.g. for `render.overlay`.
+
+    Masks are decoded by FiftyOne itself (`Detection.to_segmentation`), so masks of any stored
+    size land where the App draws them.
+    """
+    from promptseg.results import Instance, SegmentationResult
+
+    height, width = image_size
+    instances = []
+    for detection in detections.detections if detections is not None else []:
+        if detection.bounding_box is None or not detection.has_mask:
+            continue
+        x, y, w, h = detection.bounding_box
+        box = (int(x * width), int(y * height), int((x + w) * width), int((y + h) * height))
+        full = detection.to_segmentation(frame_size=(width, height), target=1).mask.astype(bool)
+        phrase = detection.get_attribute_value("phrase", None) if detection.has_attribute("phrase") else None
+        instances.append(Instance(
+            label=detection.label or "", score=float(detection.confidence or 0.0), box=box,
+            mask=full[box[1] : box[3], box[0] : box[2]], phrase=phrase,
+        ))
+    labels = list(dict.fromkeys(inst.label for inst in instances))
+    return SegmentationResult(instances=instances, image_size=(height, width), prompts=labels)

@@ -7,33 +7,13 @@ temporary plugins directory with the same function `promptseg fiftyone install` 
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_ROOT = Path(tempfile.mkdtemp(prefix="promptseg-fiftyone-tests-"))
-if "fiftyone" in sys.modules:  # pragma: no cover - a setup mistake, not a test outcome
-    raise RuntimeError("fiftyone was imported before tests/fiftyone/conftest.py could isolate its database")
-os.environ.pop("FIFTYONE_DATABASE_URI", None)
-os.environ.update(
-    FIFTYONE_DATABASE_DIR=str(_ROOT / "db"),
-    FIFTYONE_PLUGINS_DIR=str(_ROOT / "plugins"),
-    FIFTYONE_DEFAULT_DATASET_DIR=str(_ROOT / "datasets"),
-    FIFTYONE_DO_NOT_TRACK="true",
-    FIFTYONE_DATABASE_VALIDATION="false",
-    FIFTYONE_SHOW_PROGRESS_BARS="false",
-)
-# Registered before fiftyone's own exit hooks, so it runs after them (after mongod has stopped).
-atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+from promptseg_fiftyone._commands import install_plugin  # imports no fiftyone
+from promptseg_fiftyone.testing import use_temporary_database
 
-from promptseg_fiftyone._commands import install_plugin  # noqa: E402  (imports no fiftyone)
-
+_ROOT = use_temporary_database("promptseg-fiftyone-tests-")
 install_plugin(_ROOT / "plugins")
 
 URI = "@promptseg/fiftyone/segment_with_text"
