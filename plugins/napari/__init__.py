@@ -1,1 +1,18 @@
-"""promptseg adapter for napari."""
+"""promptseg for napari: the *Segment by text* dock widget and synthetic sample data.
+
+napari finds this plugin through the ``napari.manifest`` entry point (``napari.yaml`` here).
+The widget only maps napari layers to core calls and results back to ``Labels`` layers; all
+segmentation work happens in the core.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SegmentWidget"]
+
+
+def __getattr__(name: str):
+    if name == "SegmentWidget":  # lazy: importing the package must not import Qt
+        from promptseg_napari._widget import SegmentWidget
+
+        return SegmentWidget
+    raise AttributeError(name)

@@ -1,0 +1,345 @@
+"""The *Segment by text* dock widget: type prompts, get a Labels layer of instances.
+
+The work runs in a napari thread worker so the viewer stays responsive; the core reports each
+finished tile or slice through a Qt signal, which Qt delivers on the main thread, where the
+progress bar and layers are updated (layers are never touched from the worker). Cancel sets an
+event the core checks before each tile or slice. One segmenter is loaded per (model, device)
+and reused, so a second prompt on the same image skips the image encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSlider,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+
+from promptseg.errors import CancelledError, PromptsegError
+from promptseg.segmenter import default_model
+from promptseg_napari._layers import (
+    AXES_CHOICES,
+    LayerInput,
+    embedding_source,
+    labels_from_result,
+    labels_from_stack,
+    layer_input,
+    parse_channels,
+    parse_prompts,
+    summary,
+)
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TILING = ("off", "auto", "on")
+SOURCE_TEXT = {
+    "computed": "computed (first time on this image)",
+    "memory": "cached (memory): image encoder skipped",
+    "disk": "cached (disk): image encoder skipped",
+    "mixed": "partly cached",
+}
+_MAX_SEGMENTERS = 2
+_segmenters: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_segmenters_lock = threading.Lock()
+
+
+def get_segmenter(model: str, device: str) -> Any:
+    """The segmenter for (model, device), loaded on first use and kept (the last two) for reuse."""
+    import promptseg
+
+    key = (model, device)
+    with _segmenters_lock:
+        if key in _segmenters:
+            _segmenters.move_to_end(key)
+            return _segmenters[key]
+        segmenter = promptseg.load_segmenter(model, device=device)
+        _segmenters[key] = segmenter
+        while len(_segmenters) > _MAX_SEGMENTERS:
+            _segmenters.popitem(last=False)
+        return segmenter
+
+
+@dataclass
+class Job:
+    """Everything a run needs, captured on the main thread when Run is pressed."""
+
+    image: Any
+    source: LayerInput
+    prompts: list[str]
+    model: str
+    device: str
+    options: dict[str, Any]
+    link: bool
+    keep: bool
+
+
+@dataclass
+class Outcome:
+    """What the worker hands back: labels and features, or why there are none."""
+
+    labels: Any = None
+    features: dict[str, list] = field(default_factory=dict)
+    source: str = ""
+    seconds: float = 0.0
+    model: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    cancelled: bool = False
+
+
+class _ProgressRelay(QObject):
+    """Carries ``(total, advance)`` from the worker thread to the main thread (a queued signal)."""
+
+    advanced = Signal(int, int)
+
+
+def run_job(job: Job, progress, cancel) -> Outcome:
+    """Worker-thread body: load (or reuse) the segmenter and segment the image or stack."""
+    try:
+        segmenter = get_segmenter(job.model, job.device)
+        start = time.perf_counter()
+        if job.source.is_stack:
+            import numpy as np
+
+            result = segmenter.segment_stack(
+                np.asarray(job.source.data), job.prompts, axes=job.source.axes, link=job.link,
+                progress=progress, cancel=cancel, **job.options,
+            )
+            labels, features = labels_from_stack(result)
+        else:
+            result = segmenter.segment(
+                job.source.single_image(), job.prompts, progress=progress, cancel=cancel, **job.options
+            )
+            labels, features = labels_from_result(result)
+        return Outcome(
+            labels=labels, features=features, source=embedding_source(result),
+            seconds=time.perf_counter() - start, model=segmenter.describe(),
+        )
+    except CancelledError as exc:
+        return Outcome(cancelled=True, error=str(exc))
+    except PromptsegError as exc:
+        return Outcome(error=str(exc))
+
+
+class SegmentWidget(Container):
+    """Segment the chosen image layer by text prompts into a Labels layer of instances."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        self._viewer = napari_viewer
+        self.image = ComboBox(label="image", choices=self._image_choices, nullable=True,
+                              tooltip="The image layer to segment (2D, RGB, multichannel, z-stack or time series).")
+        self.axes = ComboBox(label="axes", choices=AXES_CHOICES, value="auto",
+                             tooltip="Layout of the layer: Z or T = slices, C = channels. 'auto' guesses.")
+        self.channels = LineEdit(label="channels", value="",
+                                 tooltip="Up to three channel numbers shown to the model as RGB, e.g. '0, 2'. "
+                                         "Blank: the first three.")
+        self.prompts = LineEdit(label="prompts", value="",
+                                tooltip="What to segment; several prompts separated by commas, e.g. 'nucleus, mitotic cell'.")
+        self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5,
+                                     tooltip="Keep instances scoring above this (detection x presence).")
+        self.smooth = SpinBox(label="mask smoothness", min=0, max=50, value=0,
+                              tooltip="Close each mask with a disc of this radius (pixels); 0 = off.")
+        self.min_area = SpinBox(label="min area (px)", min=0, max=10_000_000, value=0,
+                                tooltip="Drop instances smaller than this many pixels.")
+        self.tiling = ComboBox(label="tiling", choices=TILING, value="off",
+                               tooltip="Split large images into overlapping tiles at the model's resolution. "
+                                       "'auto' tiles images much larger than the model input.")
+        self.tile_size = SpinBox(label="tile size (px)", min=64, max=16384, step=16, value=1008, enabled=False)
+        self.link = CheckBox(text="link slices into 3D objects", value=True,
+                             tooltip="In a z-stack or time series, give an object one id through the slices.")
+        self.model = LineEdit(label="model", value=default_model(),
+                              tooltip="Hub id or local directory of a SAM 3 model (default: PROMPTSEG_MODEL).")
+        self.device = ComboBox(label="device", choices=DEVICES, value="auto")
+        self.keep = CheckBox(text="keep previous result layers", value=False,
+                             tooltip="Add a new Labels layer on each run instead of updating the last one.")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self.status = Label(label="", value="Choose an image layer, type prompts, press Run.")
+        super().__init__(widgets=[
+            self.image, self.axes, self.channels, self.prompts, self.threshold, self.smooth,
+            self.min_area, self.tiling, self.tile_size, self.link, self.model, self.device,
+            self.keep, self.run_button, self.cancel_button, self.progress, self.status,
+        ])
+        self.tiling.changed.connect(lambda value: setattr(self.tile_size, "enabled", value == "on"))
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.prompts.native.returnPressed.connect(self.run)
+        self._worker = None
+        self._cancel_event = threading.Event()
+        self._relay = _ProgressRelay()
+        self._relay.advanced.connect(self._on_progress)
+        self._outputs: dict[int, tuple[weakref.ref, Any]] = {}
+        self.last_outcome: Outcome | None = None
+        layers = napari_viewer.layers
+        layers.events.inserted.connect(self._on_layer_inserted)
+        layers.events.removed.connect(self._refresh_choices)
+        layers.events.moved.connect(self._refresh_choices)
+        self._refresh_choices()
+        active = layers.selection.active
+        if active is not None and active.__class__.__name__ == "Image":
+            self.image.value = active
+
+    # ---- layer choices -------------------------------------------------------------------
+
+    def _image_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _refresh_choices(self, event=None) -> None:
+        self.image.reset_choices()
+
+    def _on_layer_inserted(self, event) -> None:
+        from napari.layers import Image
+
+        self.image.reset_choices()
+        layer = event.value
+        layer.events.name.connect(self._refresh_choices)
+        if isinstance(layer, Image):
+            self.image.value = layer
+
+    # ---- running -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def make_job(self) -> Job:
+        """Read and check the form; raises `PromptsegError` with a message for the user."""
+        from promptseg.errors import OptionError, PromptError
+
+        layer = self.image.value
+        if layer is None:
+            raise OptionError("No image layer chosen: open an image (or File > Open Sample) and pick it in 'image'.")
+        source = layer_input(layer, self.axes.value)
+        prompts = parse_prompts(self.prompts.value)
+        if not prompts:
+            raise PromptError("Type what to segment in 'prompts', e.g. 'nucleus' or 'cell, nucleus'.")
+        model = self.model.value.strip()
+        if not model:
+            raise OptionError("The model is empty: give a hub id such as facebook/sam3 or a local model directory.")
+        tile = {"off": None, "auto": "auto", "on": int(self.tile_size.value)}[self.tiling.value]
+        options = {
+            "threshold": float(self.threshold.value), "smooth": int(self.smooth.value),
+            "min_area": int(self.min_area.value), "tile": tile,
+            "channels": parse_channels(self.channels.value),
+        }
+        return Job(image=layer, source=source, prompts=prompts, model=model, device=self.device.value,
+                   options=options, link=bool(self.link.value), keep=bool(self.keep.value))
+
+    def run(self, *_args) -> Any:
+        """Start a run in a thread worker (returns it), or show why it cannot start."""
+        if self.running:
+            show_warning("A segmentation is already running: wait for it or press Cancel.")
+            return None
+        try:
+            job = self.make_job()
+        except PromptsegError as exc:
+            self._fail(str(exc))
+            return None
+        self._cancel_event = threading.Event()
+        worker = create_worker(run_job, job, self._relay.advanced.emit, self._cancel_event.is_set,
+                               _start_thread=False)
+        worker.returned.connect(lambda outcome: self._on_returned(job, outcome))
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.max, self.progress.value = 0, 0  # busy until the total is known
+        self.status.value = f"Running {', '.join(job.prompts)} on {job.image.name}..."
+        worker.start()
+        return worker
+
+    def cancel(self, *_args) -> None:
+        """Stop the running job before its next tile or slice."""
+        if self.running:
+            self._cancel_event.set()
+            self.cancel_button.enabled = False
+            self.status.value = "Cancelling after the current step..."
+
+    def _on_progress(self, total: int, advance: int) -> None:
+        if advance == 0:
+            self.progress.max, self.progress.value = max(total, 1), 0
+        else:
+            self.progress.value = min(self.progress.value + advance, self.progress.max)
+
+    def _on_returned(self, job: Job, outcome: Outcome) -> None:
+        self.last_outcome = outcome
+        if outcome.cancelled:
+            self.status.value = f"Cancelled ({self.progress.value} of {self.progress.max} steps done)."
+            show_info(f"Segmentation cancelled: {outcome.error}")
+        elif outcome.error:
+            self._fail(outcome.error)
+        else:
+            layer = self._show(job, outcome)
+            found = summary(outcome.features)
+            self.status.value = (
+                f"{found} in {outcome.seconds:.2f} s -> '{layer.name}'\n"
+                f"embedding: {SOURCE_TEXT.get(outcome.source, outcome.source)}"
+            )
+            self._viewer.status = f"promptseg: {found} ({outcome.seconds:.2f} s)"
+
+    def _on_errored(self, exc: Exception) -> None:
+        # napari's worker already shows the exception as a notification (with its traceback).
+        logger.error("Segmentation failed: %s: %s", type(exc).__name__, exc)
+        self.status.value = f"Failed: {type(exc).__name__}: {exc}"
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self.progress.max == 0:
+            self.progress.max = 1
+
+    def _fail(self, message: str) -> None:
+        self.status.value = f"Error: {message}"
+        show_error(message)
+
+    # ---- results -------------------------------------------------------------------------
+
+    def _show(self, job: Job, outcome: Outcome) -> Any:
+        """Put the labels in the viewer: update this image's last result layer, or add one."""
+        import pandas as pd
+
+        features = pd.DataFrame(outcome.features)
+        metadata = {"promptseg": {
+            "source_layer": job.image.name, "prompts": job.prompts, "axes": job.source.axes,
+            "embedding": outcome.source, "seconds": round(outcome.seconds, 3), **outcome.model,
+        }}
+        previous = self._outputs.get(id(job.image))
+        target = None
+        if previous is not None and previous[0]() is job.image and not job.keep:
+            layer = previous[1]
+            if layer in self._viewer.layers and layer.data.shape == outcome.labels.shape:
+                target = layer
+        if target is None:
+            target = self._viewer.add_labels(
+                outcome.labels, name=f"{job.image.name} segmentation", scale=job.source.scale,
+                translate=job.source.translate, features=features, metadata=metadata,
+            )
+        else:
+            target.data = outcome.labels
+            target.features = features
+            target.scale, target.translate = job.source.scale, job.source.translate
+            target.metadata.update(metadata)
+        self._outputs[id(job.image)] = (weakref.ref(job.image), target)
+        return target

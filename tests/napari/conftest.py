@@ -1,0 +1,54 @@
+"""A real napari viewer with the *Segment by text* widget docked, pointed at the tiny random SAM 3.
+
+GUI tests need a real X server (run under ``xvfb-run -a``). napari's pytest plugin provides
+``make_napari_viewer``; pytest-qt provides ``qtbot``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, tiny_sam3_dir):
+    """``(viewer, widget)``: the widget docked as napari docks it, tiny model on the CPU, threshold 0."""
+    from promptseg_napari._widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment by text")
+    widget.model.value = str(tiny_sam3_dir)
+    widget.device.value = "cpu"
+    widget.threshold.value = 0.0  # the random model scores about 0.25
+    yield viewer, widget
+    if widget.running:  # never leave a worker behind a closing viewer
+        widget.cancel()
+        from napari.qt.threading import wait_for_workers_to_quit
+
+        wait_for_workers_to_quit(10_000)
+
+
+@pytest.fixture
+def run_widget(qtbot):
+    """Press Run and wait (bounded) until the worker has finished; returns the outcome."""
+
+    def run(widget, timeout_ms: int = 120_000):
+        widget.run()
+        qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
+        return widget.last_outcome
+
+    return run
+
+
+@pytest.fixture
+def notifications():
+    """The napari notifications dispatched during the test (a live list)."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)
+
