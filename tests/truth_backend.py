@@ -65,35 +65,51 @@ class TruthBackend:
         return [{"code": torch.tensor([[self.vocabulary.get(p, -1)]])} for p in phrases]
 
     def decode(self, image, texts, threshold, boxes=None, box_labels=None) -> list[Detections]:
-        rgb = image["rgb"].to(torch.int32)
+        from scipy import ndimage
+
+        rgb = image["rgb"].numpy().astype(np.int32)
         ids, classes = rgb[..., 0] + 256 * rgb[..., 1], rgb[..., 2]
         height, width = ids.shape
+        extents = ndimage.find_objects(ids)
         results = []
         for text in texts:
             code = int(text["code"])
-            present = torch.unique(ids[(classes == code) & (ids > 0)]).tolist() if code > 0 else []
+            present = np.unique(ids[(classes == code) & (ids > 0)]).tolist() if code > 0 else []
             present = [obj for obj in present if score_of(obj) > threshold]
-            masks, found_boxes = [], []
-            for obj in present:
-                mask = ids == obj
-                rows = torch.nonzero(mask.any(dim=1)).flatten()
-                cols = torch.nonzero(mask.any(dim=0)).flatten()
-                found_boxes.append([
-                    int(cols[0]) / width, int(rows[0]) / height, (int(cols[-1]) + 1) / width, (int(rows[-1]) + 1) / height,
-                ])
-                probs = mask.float()
-                if self.mask_size is not None:
-                    probs = torch.nn.functional.interpolate(
-                        probs[None, None], size=(self.mask_size, self.mask_size), mode="area"
-                    )[0, 0]
-                masks.append(probs)
+            masks = [self._probs(ids, obj, extents[obj - 1]) for obj in present]
+            found_boxes = [
+                [extents[o - 1][1].start / width, extents[o - 1][0].start / height,
+                 extents[o - 1][1].stop / width, extents[o - 1][0].stop / height]
+                for o in present
+            ]
             size = (height, width) if self.mask_size is None else (self.mask_size, self.mask_size)
             results.append(Detections(
-                mask_probs=torch.stack(masks) if masks else torch.zeros((0,) + size),
+                mask_probs=torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0,) + size),
                 boxes=torch.tensor(found_boxes, dtype=torch.float32).reshape(-1, 4),
                 scores=torch.tensor([score_of(o) for o in present], dtype=torch.float32),
             ))
         return results
+
+    def _probs(self, ids: np.ndarray, obj: int, extent: tuple[slice, slice]) -> np.ndarray:
+        """The object's mask probabilities over the whole input, at full or low resolution."""
+        height, width = ids.shape
+        rows, cols = extent
+        if self.mask_size is None:
+            probs = np.zeros((height, width), dtype=np.float32)
+            probs[extent] = ids[extent] == obj
+            return probs
+        size = self.mask_size
+        if height % size or width % size:
+            full = torch.from_numpy((ids == obj).astype(np.float32))
+            return torch.nn.functional.interpolate(full[None, None], size=(size, size), mode="area")[0, 0].numpy()
+        fy, fx = height // size, width // size  # area-average whole blocks around the object
+        y0, x0 = rows.start // fy * fy, cols.start // fx * fx
+        y1, x1 = -(-rows.stop // fy) * fy, -(-cols.stop // fx) * fx
+        block = (ids[y0:y1, x0:x1] == obj).astype(np.float32)
+        block = block.reshape((y1 - y0) // fy, fy, (x1 - x0) // fx, fx).mean(axis=(1, 3))
+        probs = np.zeros((size, size), dtype=np.float32)
+        probs[y0 // fy : y1 // fy, x0 // fx : x1 // fx] = block
+        return probs
 
 
 def truth_segmenter(vocabulary: dict[str, int], cache_dir=None, memory_bytes: int = 2 * 1024**3, **backend_options):
