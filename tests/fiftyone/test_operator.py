@@ -92,3 +92,12 @@ def test_form_errors_name_the_problem(fo, dataset, params, change, message):
         foo.execute_operator(URI, ctx={"dataset": dataset, "params": {**params, **change}})
     assert message in str(excinfo.value)
     assert not dataset.has_field("sam") or dataset.count("sam") == 0
+
+
+def test_second_run_reuses_the_loaded_model_and_skips_the_image_encoder(operator, dataset, params, fo_segmenter):
+    operator(dataset, ["red square"], "one", threshold=0.0, model=params["model"], device="cpu")
+    runs = fo_segmenter.stats.image_encoder_runs
+    second = operator(dataset, ["green square"], "two", threshold=0.0, model=params["model"], device="cpu")
+    # A freshly loaded model would start with an empty memory cache ("disk" at best).
+    assert second.result["embedding_sources"] == {"memory": len(dataset)}
+    assert fo_segmenter.stats.image_encoder_runs == runs
