@@ -203,7 +203,7 @@ class Segmenter:
         clip_plan = plan_clip(self.clip, phrases, verify, clip_threshold, negative, negative_margin, exclusive)
         if clip_plan is not None:
             phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
-        _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
+        check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
         rgb = load_image(image, percentiles=percentiles, channels=channels)
         source = str(image) if isinstance(image, (str, os.PathLike)) else None
         grid = resolve_tiling(tile, overlap, rgb.shape[:2], self.backend.input_size)
@@ -388,7 +388,16 @@ def _normalise_exemplars(exemplars, labels, image_size) -> tuple[torch.Tensor, t
     return boxes, label_tensor
 
 
-def _check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou):
+def check_options(
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    min_area: int = 0,
+    smooth: int = 0,
+    max_instances: int | None = None,
+    iou_threshold: float | None = 0.7,
+    cross_prompt_iou: float | None = 0.9,
+) -> None:
+    """Raise `OptionError` for an out-of-range `segment` option; hosts validate forms with it before a run."""
     def unit(name, value, allow_none=False):
         if value is None and allow_none:
             return
@@ -408,4 +417,4 @@ def _check_options(threshold, mask_threshold, min_area, smooth, max_instances, i
         raise OptionError(f"max_instances must be None or a whole number >= 1, got {max_instances!r}.")
 
 
-__all__ = ["DEFAULT_MODEL", "Segmenter", "load_segmenter", "default_model", "PromptsegError"]
+__all__ = ["DEFAULT_MODEL", "Segmenter", "check_options", "default_model", "load_segmenter"]

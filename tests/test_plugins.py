@@ -55,3 +55,10 @@ def test_import_is_light():
     code = "import sys, promptseg; print(sorted(m for m in ('torch', 'transformers', 'open_clip', 'fiftyone', 'napari') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_command_line_help_does_not_load_torch():
+    code = ("import sys; from promptseg.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'open_clip', 'fiftyone', 'napari', 'flask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,11 +9,12 @@ probabilities at its own mask resolution and the core does the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the backends that run, not by registration
+    import torch
 
-Tensors = dict[str, torch.Tensor]
+Tensors = "dict[str, torch.Tensor]"
 
 
 @dataclass
@@ -64,3 +65,45 @@ class SegmentationBackend(Protocol):
         `boxes` (``(B, 4)`` normalised xyxy) with `box_labels` (1 positive, 0 negative) are
         optional visual exemplars shared by every phrase.
         """
+
+
+def exemplar_inputs(boxes: torch.Tensor, labels: torch.Tensor | None, device, dtype):
+    """Normalised xyxy exemplar boxes -> SAM 3's normalised cxcywh, with labels (1 positive, 0 negative)."""
+    import torch
+
+    xyxy = boxes.to(device, dtype)
+    cxcywh = torch.stack(
+        [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+         xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=-1,
+    )
+    if labels is None:
+        labels = torch.ones(len(boxes), dtype=torch.long)
+    return cxcywh, labels.to(device, torch.long)
+
+
+def split_detections(
+    pred_logits: torch.Tensor,
+    presence_logits: torch.Tensor | None,
+    pred_masks: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    threshold: float,
+) -> list[Detections]:
+    """SAM 3's batched outputs -> one `Detections` per prompt, keeping scores above `threshold`.
+
+    Score = sigmoid(detection logit) x sigmoid(presence logit), as SAM 3 defines it; masks become
+    probabilities (float32) so post-processing can interpolate them like transformers does.
+    """
+    scores = pred_logits.float().sigmoid()
+    if presence_logits is not None:
+        scores = scores * presence_logits.float().sigmoid()
+    results = []
+    for b in range(scores.shape[0]):
+        keep = scores[b] > threshold
+        results.append(
+            Detections(
+                mask_probs=pred_masks[b][keep].float().sigmoid(),
+                boxes=pred_boxes[b][keep].float(),
+                scores=scores[b][keep],
+            )
+        )
+    return results

@@ -14,8 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
@@ -23,13 +22,17 @@ from promptseg.plugins import BackendSpec
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # registering this backend must stay cheap: torch loads when a model does
+    import numpy as np
+    import torch
+
 NAME = "openclip"
 DEFAULT_CLIP = "ViT-B-32/laion2b_s34b_b79k"
 MULTILINGUAL_CLIP = "xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k"
 # Hugging Face text towers trained on many languages (xlm-roberta, NLLB = m2m_100, mT5)
 MULTILINGUAL_TYPES = ("xlm-roberta", "m2m_100", "mt5", "nllb")
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch dtype name -> open_clip
 HELP = (
     "Name a CLIP as NAME/TAG (e.g. {default}, fetched once from the hub), NAME/PATH to a weights "
     "file, hf-hub:ORG/REPO, or local-dir:DIR (open_clip_config.json + weights)."
@@ -94,15 +97,17 @@ def parse_model(model: str, pretrained: str | None = None) -> tuple[str, str | N
 def load(
     model: str = DEFAULT_CLIP,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     pretrained: str | None = None,
     cache_dir: str | None = None,
 ) -> "OpenClipBackend":
     """Build the model, its image transform and tokenizer; see the module docstring."""
     import open_clip
+    import torch
 
+    dtype = dtype or torch.float32
     name, weights, model_id = parse_model(model, pretrained)
-    precision = PRECISIONS.get(dtype)
+    precision = PRECISIONS.get(str(dtype).removeprefix("torch."))
     if precision is None:
         raise ModelLoadError(f"Unsupported CLIP dtype {dtype}: use fp32, fp16 or bf16.")
     try:
@@ -189,20 +194,23 @@ class OpenClipBackend:
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
         self.multilingual = _is_multilingual(model)
 
-    @torch.inference_mode()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """``(N, D)`` unit-length embeddings of RGB uint8 pictures (already square-padded)."""
+        import torch
         from PIL import Image
 
         batch = torch.stack([self.preprocess(Image.fromarray(rgb)) for rgb in images])
-        features = self.model.encode_image(batch.to(self.device, self.dtype))
+        with torch.inference_mode():
+            features = self.model.encode_image(batch.to(self.device, self.dtype))
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
-    @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """``(N, D)`` unit-length embeddings of texts."""
+        import torch
+
         tokens = self.tokenizer(texts).to(self.device)
-        features = self.model.encode_text(tokens)
+        with torch.inference_mode():
+            features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
 

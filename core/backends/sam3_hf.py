@@ -15,14 +15,17 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from promptseg.backends.base import Detections, Tensors
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
 from promptseg.plugins import BackendSpec
+
+if TYPE_CHECKING:  # registering this backend must stay cheap: torch loads when a model does
+    import numpy as np
+    import torch
+
+    from promptseg.backends.base import Detections, Tensors
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +75,14 @@ def _accepts(model: str) -> bool:
 def load(
     model: str = DEFAULT_HUB_ID,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     revision: str | None = None,
     token: str | None = None,
-) -> "Sam3Backend":
+) -> Sam3Backend:
     """Load SAM 3 from a hub id or a local directory; see the module docstring."""
+    import torch
+
+    dtype = dtype or torch.float32
     directory, model_id = resolve_model_dir(model, revision=revision, token=token)
     return Sam3Backend.from_directory(directory, model_id, torch.device(device), dtype)
 
@@ -236,26 +242,29 @@ class Sam3Backend:
         pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, self.dtype)
 
-    @torch.inference_mode()
     def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
-        output = self.model.get_vision_features(pixel_values=pixel_values)
+        import torch
+
+        with torch.inference_mode():
+            output = self.model.get_vision_features(pixel_values=pixel_values)
         levels = output.fpn_hidden_states[:-1]  # the last level is never consumed by forward
         return {f"fpn_{i}": level for i, level in enumerate(levels)}
 
-    @torch.inference_mode()
     def encode_text(self, phrases: list[str]) -> list[Tensors]:
+        import torch
+
         tokens = self.tokenizer(
             phrases, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
         ).to(self.device)
-        features = self.model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        ).pooler_output
+        with torch.inference_mode():
+            features = self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).pooler_output
         return [
             {"features": features[i : i + 1], "mask": tokens["attention_mask"][i : i + 1]}
             for i in range(len(phrases))
         ]
 
-    @torch.inference_mode()
     def decode(
         self,
         image: Tensors,
@@ -264,8 +273,11 @@ class Sam3Backend:
         boxes: torch.Tensor | None = None,
         box_labels: torch.Tensor | None = None,
     ) -> list[Detections]:
+        import torch
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        from promptseg.backends.base import exemplar_inputs, split_detections
 
         batch = len(texts)
         levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(image))]
@@ -281,31 +293,14 @@ class Sam3Backend:
         )
         extra = {}
         if boxes is not None and len(boxes):
-            xyxy = boxes.to(self.device, self.dtype)
-            cxcywh = torch.stack(
-                [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                 xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=-1
-            )
-            labels = box_labels if box_labels is not None else torch.ones(len(boxes), dtype=torch.long)
+            cxcywh, labels = exemplar_inputs(boxes, box_labels, self.device, self.dtype)
             extra = {
                 "input_boxes": cxcywh[None].expand(batch, -1, -1),
-                "input_boxes_labels": labels.to(self.device, torch.long)[None].expand(batch, -1),
+                "input_boxes_labels": labels[None].expand(batch, -1),
             }
-        out = self.model(vision_embeds=vision, text_embeds=text_embeds, attention_mask=mask, **extra)
-        scores = out.pred_logits.float().sigmoid()
-        if out.presence_logits is not None:
-            scores = scores * out.presence_logits.float().sigmoid()
-        results = []
-        for b in range(batch):
-            keep = scores[b] > threshold
-            results.append(
-                Detections(
-                    mask_probs=out.pred_masks[b][keep].float().sigmoid(),
-                    boxes=out.pred_boxes[b][keep].float(),
-                    scores=scores[b][keep],
-                )
-            )
-        return results
+        with torch.inference_mode():
+            out = self.model(vision_embeds=vision, text_embeds=text_embeds, attention_mask=mask, **extra)
+        return split_detections(out.pred_logits, out.presence_logits, out.pred_masks, out.pred_boxes, threshold)
 
     def _position(self, level: torch.Tensor) -> torch.Tensor:
         key = (tuple(level.shape[1:]), level.device, level.dtype)

@@ -169,12 +169,11 @@ class PromptsegModel:
                 raise OptionError(f"Extra param {key!r} must be a number, got {value!r}.") from None
         if params.get("polygon_tolerance", 0) < 0:
             raise OptionError("Extra param 'polygon_tolerance' must be >= 0 (pixels; 0 keeps every contour vertex).")
-        from promptseg.segmenter import _check_options
+        from promptseg.segmenter import check_options
 
         merged = {"threshold": self.config.threshold, "mask_threshold": 0.5, "min_area": 0, "smooth": 0,
                   "max_instances": None, **{k: v for k, v in params.items() if k in SEGMENT_PARAMS}}
-        _check_options(merged["threshold"], merged["mask_threshold"], merged["min_area"], merged["smooth"],
-                       merged["max_instances"], 0.7, 0.9)
+        check_options(**merged)
         return params
 
 
