@@ -73,34 +73,38 @@ def test_status_bar_shows_label_and_score_under_the_cursor(viewer_widget, run_wi
 
 
 def test_viewer_processes_events_while_inference_runs(viewer_widget, qtbot):
-    """A 10 ms QTimer keeps ticking during a run: the main thread is not blocked by the model."""
+    """A 10 ms QTimer keeps ticking while the model runs: the main thread is not blocked.
+
+    Measured from the first to the last progress signal (the inference), not the Labels layer
+    update afterwards, which napari does on the main thread by design.
+    """
     from qtpy.QtCore import QTimer
 
     viewer, widget = viewer_widget
-    viewer.add_image(structured((20, 128, 128), seed=3, dtype=np.uint16, high=3000))
-    widget.prompts.value = "cell, nucleus"
-    ticks, progress_seen = [], set()
+    viewer.add_image(structured((12, 96, 96), seed=3, dtype=np.uint16, high=3000))
+    widget.prompts.value = "cell"
+    ticks, progress_seen, marks = [], set(), []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: (ticks.append(time.perf_counter()), progress_seen.add(widget.progress.value)))
+    widget._relay.advanced.connect(lambda total, advance: marks.append(time.perf_counter()))
     timer.start()
     try:
-        start = time.perf_counter()
         widget.run()
         qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
-        end = time.perf_counter()
     finally:
         timer.stop()
 
+    assert widget.last_outcome.error is None and len(marks) == 13  # announce + one per slice
+    start, end = marks[0], marks[-1]
     during = [t for t in ticks if start <= t <= end]
     gaps = np.diff([start, *during, end])
     duration = end - start
-    print(f"run {duration:.2f} s, {len(during)} timer ticks, longest gap {gaps.max() * 1000:.0f} ms")
-    assert widget.last_outcome.error is None
-    assert len(during) >= 10, f"only {len(during)} ticks in a {duration:.2f} s run"
-    assert gaps.max() < duration / 3, "the event loop stalled for most of the run"
+    print(f"inference {duration:.2f} s, {len(during)} timer ticks, longest gap {gaps.max() * 1000:.0f} ms")
+    assert len(during) >= 10, f"only {len(during)} ticks in {duration:.2f} s of inference"
+    assert gaps.max() < duration / 3, "the event loop stalled for a large part of the inference"
     # the bar moved through intermediate slices while the timer was running
-    assert any(0 < value < 20 for value in progress_seen), sorted(progress_seen)
+    assert any(0 < value < 12 for value in progress_seen), sorted(progress_seen)
 
 
 def test_cancel_stops_at_the_next_slice_and_adds_no_layer(viewer_widget, qtbot, notifications):
