@@ -186,6 +186,8 @@ class SegmentWidget(Container):
         self._cancel_event = threading.Event()
         self._relay = _ProgressRelay()
         self._relay.advanced.connect(self._on_progress)
+        # closing the dock (or the viewer) mid-run stops the worker at its next step
+        self.native.destroyed.connect(lambda *_: self._cancel_event.set())
         self._outputs: dict[int, tuple[weakref.ref, Any]] = {}
         self.last_outcome: Outcome | None = None
         layers = napari_viewer.layers
