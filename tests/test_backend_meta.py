@@ -146,6 +146,29 @@ def test_device_redirect_is_scoped_to_its_block():
             torch.zeros(2, device="cuda")
 
 
+@pytest.mark.slow
+def test_released_architecture_matches_metas_own_builder_key_for_key():
+    """The loader's full-size model has exactly the detector keys and shapes of Meta's builder
+    (with the SAM 2 neck, as in sam3.pt), so the official checkpoint loads strictly. ~75 s, 4 GB."""
+    import gc
+
+    from sam3.model_builder import build_sam3_image_model
+
+    from promptseg.backends.meta_device import DeviceRedirect
+    from promptseg.backends.meta_model import Architecture, build_image_model
+    from promptseg.tokenizer import open_clip_vocab_path
+
+    with DeviceRedirect("cpu"):
+        reference = build_sam3_image_model(bpe_path=str(open_clip_vocab_path()), device="cpu",
+                                           load_from_HF=False, enable_inst_interactivity=True)
+    expected = {k: v.shape for k, v in reference.state_dict().items()
+                if not k.startswith("inst_interactive_predictor.")}  # the tracker: tracker.* in sam3.pt
+    del reference
+    gc.collect()
+    ours = {k: v.shape for k, v in build_image_model(Architecture(), open_clip_vocab_path()).state_dict().items()}
+    assert ours == expected
+
+
 # -- the core pipeline ---------------------------------------------------------------------------
 
 def test_segment_finds_instances_with_masks_boxes_and_scores(make_meta, rgb_image):
@@ -228,6 +251,21 @@ def test_exemplar_boxes_positive_and_negative_steer_the_decoder(make_meta, rgb_i
         for j in range(i + 1, len(scores)):
             assert scores[i] != pytest.approx(scores[j], abs=1e-6), (i, j)
     assert seg.stats.image_encoder_runs == 1  # exemplars reuse the cached image embedding
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_matches_fp32_with_and_without_exemplars(make_meta, rgb_image, dtype):
+    """Same tolerances as the transformers backend (tests/test_precision.py)."""
+    from test_precision import assert_parity, decode_all
+
+    reference, lower = make_meta(cache_dir=False), make_meta(cache_dir=False, dtype=dtype)
+    assert lower.describe()["dtype"] == dtype
+    features, _ = lower.embed(rgb_image)
+    assert all(t.dtype == lower.dtype for t in features.values())  # the cache holds the low precision
+    assert_parity(decode_all(reference, rgb_image, PROMPTS), decode_all(lower, rgb_image, PROMPTS), dtype)
+    boxes, labels = torch.tensor([[0.2, 0.25, 0.55, 0.66], [0.65, 0.5, 0.9, 0.83]]), torch.tensor([1, 0])
+    assert_parity(decode_all(reference, rgb_image, PROMPTS, boxes=boxes, box_labels=labels),
+                  decode_all(lower, rgb_image, PROMPTS, boxes=boxes, box_labels=labels), dtype)
 
 
 # -- an adapter on this backend --------------------------------------------------------------------
