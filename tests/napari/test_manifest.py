@@ -41,6 +41,11 @@ def test_napari_docks_the_widget_by_its_display_name(make_napari_viewer, monkeyp
 
     assert isinstance(widget, SegmentWidget)
     assert widget.model.value == str(tiny_sam3_dir), "the model defaults to PROMPTSEG_MODEL"
+    from napari._app_model import get_app_model
+
+    titles = [getattr(getattr(item, "command", None), "title", "") for item in
+              get_app_model().menus.get_menu("napari/layers/segment")]
+    assert any(title.startswith("Segment by text") for title in titles), titles
 
 
 def test_sample_data_is_made_by_code():
