@@ -12,10 +12,14 @@ CONSTRAINTS=.ci/constraints.txt
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]"
-    # GUI tests need a real X server for napari's GL canvas
-    if ! command -v xvfb-run >/dev/null; then
+    # GUI tests need a real X server for napari's GL canvas, and the libraries Qt's xcb plugin loads
+    APT_PACKAGES="xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+        libxkbcommon-x11-0 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxcb-xfixes0 libxcb-cursor0 libgl1
+        libegl1 libfontconfig1 libdbus-1-3"
+    MISSING=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [ -n "$MISSING" ]; then
         SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq xvfb >/dev/null
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $MISSING >/dev/null
     fi
     # Label Studio pins Django and friends: it gets its own environment, used only as a server
     [ -x .venv-labelstudio/bin/python ] || "$PYTHON" -m venv .venv-labelstudio
