@@ -14,17 +14,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from promptseg.backends.base import Detections, Tensors
-from promptseg.backends.meta_device import DeviceRedirect
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
 from promptseg.plugins import BackendSpec
+
+if TYPE_CHECKING:  # torch loads with the model, not with `promptseg --help`
+    import torch
+
+    from promptseg.backends.meta_backend import Sam3MetaBackend
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _accepts(model: str) -> bool:
 def load(
     model: str = DEFAULT_REPO,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     revision: str | None = None,
     token: str | None = None,
 ) -> Sam3MetaBackend:
@@ -73,12 +73,15 @@ def load(
         raise ModelLoadError(
             f"The {NAME} backend needs Meta's sam3 package: pip install 'promptseg[meta]' ({exc})."
         ) from exc
+    import torch
+
+    from promptseg.backends.meta_backend import Sam3MetaBackend
     from promptseg.backends.meta_model import load_image_model
     from promptseg.tokenizer import open_clip_vocab_path
 
     path, model_id = resolve_checkpoint(model, revision=revision, token=token)
     network, arch = load_image_model(path, open_clip_vocab_path())
-    return Sam3MetaBackend(network, arch.image_size, model_id, torch.device(device), dtype)
+    return Sam3MetaBackend(network, arch.image_size, model_id, torch.device(device), dtype or torch.float32)
 
 
 def resolve_checkpoint(model: str, revision: str | None = None, token: str | None = None) -> tuple[Path, str]:
@@ -150,122 +153,3 @@ def _file_digest(path: Path) -> str:
     if arch_path(path).exists():
         digest.update(arch_path(path).read_bytes())
     return digest.hexdigest()[:24]
-
-
-class Sam3MetaBackend:
-    """A loaded ``Sam3Image`` whose calls into the package run on this backend's device."""
-
-    name = NAME
-
-    def __init__(self, model, image_size: int, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
-        # fp32 weights, lower precisions through autocast: the recipe the package is written for
-        # (it feeds fp32 tensors into layers in places, and turns autocast off around some)
-        self.model = model.to(device).eval()
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.input_size = (int(image_size), int(image_size))
-        self._positions: dict[tuple, torch.Tensor] = {}
-
-    @contextmanager
-    def _redirect(self):
-        """Calls into the package: on this device, in this precision."""
-        with DeviceRedirect(self.device), torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        ):
-            yield
-
-    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Meta's transform: resize to the square input (antialiased), scale to [-1, 1]."""
-        from torchvision.transforms import v2
-
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
-        image = v2.functional.resize(image, list(self.input_size), antialias=True)
-        pixels = image.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
-        return pixels[None]  # fp32: autocast lowers it inside the first layer
-
-    @torch.inference_mode()
-    def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
-        with self._redirect():
-            out = self.model.backbone.forward_image(pixel_values.to(self.device))
-        return {f"fpn_{i}": level for i, level in enumerate(out["backbone_fpn"])}
-
-    @torch.inference_mode()
-    def encode_text(self, phrases: list[str]) -> list[Tensors]:
-        with self._redirect():
-            out = self.model.backbone.forward_text(list(phrases), device=self.device)
-        features = out["language_features"].transpose(0, 1)  # (batch, tokens, d)
-        return [
-            {"features": features[i : i + 1], "padding": out["language_mask"][i : i + 1]}
-            for i in range(len(phrases))
-        ]
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        image: Tensors,
-        texts: list[Tensors],
-        threshold: float,
-        boxes: torch.Tensor | None = None,
-        box_labels: torch.Tensor | None = None,
-    ) -> list[Detections]:
-        from sam3.model.data_misc import FindStage
-
-        batch = len(texts)
-        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(image))]
-        backbone_out = {
-            "backbone_fpn": levels,
-            "vision_features": levels[-1],
-            "vision_pos_enc": [self._position(level) for level in levels],
-            "language_features": torch.cat([t["features"] for t in texts]).to(self.device, self.dtype).transpose(0, 1),
-            "language_mask": torch.cat([t["padding"] for t in texts]).to(self.device),
-        }
-        find = FindStage(
-            img_ids=torch.zeros(batch, dtype=torch.long, device=self.device),
-            text_ids=torch.arange(batch, dtype=torch.long, device=self.device),
-            input_boxes=None, input_boxes_mask=None, input_boxes_label=None,
-            input_points=None, input_points_mask=None,
-        )
-        with self._redirect():
-            prompt = self._geometry(batch, boxes, box_labels)
-            out = self.model.forward_grounding(
-                backbone_out=backbone_out, find_input=find, find_target=None, geometric_prompt=prompt
-            )
-        scores = out["pred_logits"].float().sigmoid().squeeze(-1)
-        scores = scores * out["presence_logit_dec"].float().sigmoid()
-        results = []
-        for b in range(batch):
-            keep = scores[b] > threshold
-            results.append(
-                Detections(
-                    mask_probs=out["pred_masks"][b][keep].float().sigmoid(),
-                    boxes=out["pred_boxes_xyxy"][b][keep].float().clamp(0, 1),  # cxcywh may overhang
-                    scores=scores[b][keep],
-                )
-            )
-        return results
-
-    def _geometry(self, batch: int, boxes: torch.Tensor | None, labels: torch.Tensor | None):
-        """Exemplar boxes as the package's geometric prompt (cxcywh, sequence first)."""
-        from sam3.model.geometry_encoders import Prompt
-
-        if boxes is None or not len(boxes):
-            return self.model._get_dummy_prompt(num_prompts=batch)
-        xyxy = boxes.to(self.device, self.dtype)
-        cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=-1)
-        labels = labels if labels is not None else torch.ones(len(boxes), dtype=torch.long)
-        count = len(boxes)
-        return Prompt(
-            box_embeddings=cxcywh[:, None].expand(count, batch, 4),
-            box_mask=torch.zeros(batch, count, dtype=torch.bool, device=self.device),
-            box_labels=labels.to(self.device, torch.long)[:, None].expand(count, batch),
-        )
-
-    def _position(self, level: torch.Tensor) -> torch.Tensor:
-        key = (tuple(level.shape[1:]), level.device, level.dtype)
-        if key not in self._positions:
-            with self._redirect():
-                encode = self.model.backbone.vision_backbone.position_encoding
-                self._positions[key] = encode(level[:1]).to(level.dtype)
-        return self._positions[key]
