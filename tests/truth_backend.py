@@ -23,7 +23,7 @@ def render(labels: np.ndarray, classes: dict[int, int]) -> np.ndarray:
     rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
     rgb[..., 0] = labels & 255
     rgb[..., 1] = labels >> 8
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.uint8)
+    lut = np.zeros(max(int(labels.max()), max(classes, default=0)) + 1, dtype=np.uint8)
     for obj, code in classes.items():
         lut[obj] = code
     rgb[..., 2] = lut[labels]
