@@ -11,7 +11,7 @@ CONSTRAINTS=.ci/constraints.txt
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "--test" ]; then
-    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]"
+    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]" -r .ci/platform-requirements.txt
     # GUI tests need a real X server for napari's GL canvas, and the libraries Qt's xcb plugin loads
     APT_PACKAGES="xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
         libxkbcommon-x11-0 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxcb-xfixes0 libxcb-cursor0 libgl1
@@ -26,6 +26,6 @@ if [ "${1:-}" = "--test" ]; then
     .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
     .venv-labelstudio/bin/python -m pip install --quiet "label-studio==1.23.2"
 else
-    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[all]"
+    .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[all]" -r .ci/platform-requirements.txt
 fi
 echo "promptseg installed in .venv ($(.venv/bin/promptseg --help >/dev/null && echo ok))"
