@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,9 @@ class Instance:
     phrase: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def area(self) -> int:
-        """Number of mask pixels."""
+        """Number of mask pixels (counted once: NMS asks for it on every comparison)."""
         return int(np.count_nonzero(self.mask))
 
     def full_mask(self, height: int, width: int) -> np.ndarray:
