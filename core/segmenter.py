@@ -28,7 +28,7 @@ from promptseg.cache import (
     make_key,
 )
 from promptseg.device import dtype_name, resolve_device, resolve_dtype
-from promptseg.errors import CancelledError, ImageError, OptionError, PromptsegError
+from promptseg.errors import CancelledError, ImageError, OptionError
 from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
