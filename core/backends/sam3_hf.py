@@ -239,6 +239,8 @@ class Sam3Backend:
                    model_id, device, dtype)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch warns on those
+            rgb = rgb.copy()
         pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, self.dtype)
 
