@@ -120,44 +120,15 @@ def _check_local_dir(path: Path) -> None:
 
 def _download(repo: str, revision: str | None, token: str | None) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hub_errors
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        directory = snapshot_download(
-            repo, revision=revision, token=token, allow_patterns=HUB_PATTERNS,
-            local_files_only=offline,
-        )
-    except hub_errors.GatedRepoError as exc:
-        raise ModelLoadError(
-            f"Access to {repo} is refused (gated repository). " + GATED_HELP.format(repo=repo)
-        ) from exc
-    except hub_errors.RepositoryNotFoundError as exc:
-        raise ModelLoadError(
-            f"The hub has no repository {repo!r} you can see (or you are not logged in). "
-            "Check the spelling; for a gated repository: " + GATED_HELP.format(repo=repo)
-        ) from exc
-    except hub_errors.RevisionNotFoundError as exc:
-        raise ModelLoadError(f"{repo} has no revision {revision!r}.") from exc
-    except hub_errors.LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
-            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it once where "
-            "the hub is reachable. " + GATED_HELP.format(repo=repo)
-        ) from exc
-    except hub_errors.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ModelLoadError(
-                f"The hub refused access to {repo} (HTTP {status}). " + GATED_HELP.format(repo=repo)
-            ) from exc
-        raise ModelLoadError(f"Downloading {repo} failed: {exc}") from exc
-    except (OSError, ValueError) as exc:  # connection errors, bad repo id syntax
-        raise ModelLoadError(
-            f"Cannot fetch {repo} from the Hugging Face hub ({exc.__class__.__name__}: {exc}). "
-            + GATED_HELP.format(repo=repo)
-        ) from exc
-    directory = Path(directory)
+    from promptseg.hub import fetch
+
+    directory = fetch(
+        lambda offline: snapshot_download(
+            repo, revision=revision, token=token, allow_patterns=HUB_PATTERNS, local_files_only=offline
+        ),
+        repo, repo, GATED_HELP.format(repo=repo), revision,
+    )
     try:
         _check_local_dir(directory)
     except ModelLoadError as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,40 +102,15 @@ def resolve_checkpoint(model: str, revision: str | None = None, token: str | Non
 
 
 def _download(repo: str, filename: str, revision: str | None, token: str | None) -> tuple[Path, str]:
-    from huggingface_hub import errors as hub_errors
     from huggingface_hub import hf_hub_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    help_text = GATED_HELP.format(repo=repo)
-    try:
-        local = hf_hub_download(repo, filename, revision=revision, token=token, local_files_only=offline)
-    except hub_errors.GatedRepoError as exc:
-        raise ModelLoadError(f"Access to {repo} is refused (gated repository). {help_text}") from exc
-    except hub_errors.RepositoryNotFoundError as exc:
-        raise ModelLoadError(
-            f"The hub has no repository {repo!r} you can see (or you are not logged in). {help_text}"
-        ) from exc
-    except hub_errors.RevisionNotFoundError as exc:
-        raise ModelLoadError(f"{repo} has no revision {revision!r}.") from exc
-    except hub_errors.LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
-            f"{repo}/{filename} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it once where the hub "
-            f"is reachable. {help_text}"
-        ) from exc
-    except hub_errors.EntryNotFoundError as exc:
-        raise ModelLoadError(f"{repo} has no file {filename!r}; Meta's checkpoint is {CHECKPOINT}.") from exc
-    except hub_errors.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ModelLoadError(f"The hub refused access to {repo} (HTTP {status}). {help_text}") from exc
-        raise ModelLoadError(f"Downloading {repo}/{filename} failed: {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"Cannot fetch {repo}/{filename} from the Hugging Face hub ({exc.__class__.__name__}: {exc}). "
-            f"{help_text}"
-        ) from exc
-    local = Path(local)
+    from promptseg.hub import fetch
+
+    local = fetch(
+        lambda offline: hf_hub_download(repo, filename, revision=revision, token=token, local_files_only=offline),
+        repo, f"{repo}/{filename}", GATED_HELP.format(repo=repo), revision,
+        missing_file=f"{repo} has no file {filename!r}; Meta's checkpoint is {CHECKPOINT}.",
+    )
     return local, f"hub:{repo}/{filename}@{local.parent.name}"
 
 
