@@ -18,6 +18,8 @@ _LAZY = {
     "RunSummary": "promptseg_fiftyone.runner",
     "get_segmenter": "promptseg_fiftyone.segmenters",
     "to_detections": "promptseg_fiftyone.convert",
+    "to_segmentation": "promptseg_fiftyone.convert",
+    "to_polylines": "promptseg_fiftyone.convert",
 }
 
 __all__ = sorted(_LAZY) + ["register"]

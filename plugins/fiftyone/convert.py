@@ -82,14 +82,99 @@ def to_detections(
             bounding_box=relative_box(inst.box, result.image_size),
             mask=np.ascontiguousarray(inst.mask, dtype=bool),
         )
-        detection["phrase"] = inst.phrase or inst.label
-        for key, value in inst.extra.items():
-            if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
-                detection[key] = value.item() if isinstance(value, np.generic) else value
+        _copy_attributes(inst, detection)
         if mask_dir is not None:
             detection.export_mask(os.path.join(os.fspath(mask_dir), f"{mask_stem}-{index}.png"), update=True)
         detections.append(detection)
     return fo.Detections(detections=detections)
+
+
+OUTPUTS = ("detections", "segmentation", "polylines")
+"""Label types a run can write: one `fo.Detections`, `fo.Segmentation` or `fo.Polylines` per sample."""
+
+
+def check_output(output: Any) -> str:
+    """The output name, or an `OptionError` naming the choices."""
+    if output not in OUTPUTS:
+        raise OptionError(f"Unknown output {output!r}: choose one of {', '.join(OUTPUTS)}.")
+    return output
+
+
+def label_type(output: str):
+    """The FiftyOne label class a run with this `output` writes."""
+    import fiftyone as fo
+
+    return {"detections": fo.Detections, "segmentation": fo.Segmentation, "polylines": fo.Polylines}[
+        check_output(output)
+    ]
+
+
+def add_class_ids(class_ids: dict[str, int], labels: Sequence[str]) -> dict[str, int]:
+    """Give each new label the next class id (from 1; 0 is background), keeping the existing ones."""
+    for label in labels:
+        if label not in class_ids:
+            class_ids[label] = max(class_ids.values(), default=0) + 1
+    return class_ids
+
+
+def class_ids_from_targets(mask_targets: dict | None) -> dict[str, int]:
+    """Invert a field's ``mask_targets`` ({class id: label}) into {label: class id}."""
+    return {str(label): int(value) for value, label in (mask_targets or {}).items() if int(value) > 0}
+
+
+def to_segmentation(result, class_ids: dict[str, int], *, mask_path: str | os.PathLike | None = None):
+    """A promptseg result as one semantic `fo.Segmentation`: pixel value = class id of the prompt.
+
+    The mask is the core's `to_label_image` (higher-scoring instance on top where they overlap)
+    with each instance index replaced by its label's id from `class_ids`; store the inverse
+    mapping as the field's ``mask_targets`` so the App names the classes. With `mask_path` the
+    mask is written there as a PNG instead of into the database.
+    """
+    import fiftyone as fo
+
+    add_class_ids(class_ids, [inst.label for inst in result.instances])
+    dtype = np.uint8 if max(class_ids.values(), default=0) < 256 else np.uint16
+    lookup = np.array([0] + [class_ids[inst.label] for inst in result.instances], dtype=dtype)
+    segmentation = fo.Segmentation(mask=lookup[result.to_label_image()])
+    if mask_path is not None:
+        os.makedirs(os.path.dirname(os.fspath(mask_path)) or ".", exist_ok=True)
+        segmentation.export_mask(os.fspath(mask_path), update=True)
+    return segmentation
+
+
+def to_polylines(result, tolerance: float = 0.0):
+    """A promptseg result as `fo.Polylines`: one closed, filled polyline per instance.
+
+    The shapes are the core's `to_polygons` (an instance in several pieces has several shapes),
+    divided by the image size to FiftyOne's relative coordinates. Instances too small to have a
+    polygon (under three contour points) are left out.
+    """
+    import fiftyone as fo
+
+    height, width = result.image_size
+    scale = np.array([width, height], dtype=np.float64)
+    polylines = []
+    for inst, polygons in zip(result.instances, result.to_polygons(tolerance)):
+        if not polygons:  # fewer than three contour points: nothing a polygon can draw
+            continue
+        polyline = fo.Polyline(
+            label=inst.label,
+            confidence=float(inst.score),
+            points=[[(float(x), float(y)) for x, y in polygon / scale] for polygon in polygons],
+            closed=True,
+            filled=True,
+        )
+        _copy_attributes(inst, polyline)
+        polylines.append(polyline)
+    return fo.Polylines(polylines=polylines)
+
+
+def _copy_attributes(inst, label) -> None:
+    """The phrase the model received and the core's numeric scores (``inst.extra``) as attributes."""
+    label["phrase"] = inst.phrase or inst.label
+    for key, value in inst.extra.items():
+        if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
+            label[key] = value.item() if isinstance(value, np.generic) else value
 
 
 def prompts_from_value(value: Any, field: str = "prompt field") -> list[str]:

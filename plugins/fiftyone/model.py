@@ -19,14 +19,23 @@ import fiftyone.core.models as fom
 
 from promptseg_fiftyone.convert import (
     DEFAULT_MASK_PATH_MIN_PIXELS,
+    add_class_ids,
+    check_output,
     exemplars_from_value,
+    label_type,
     prompts_from_value,
     to_detections,
+    to_polylines,
+    to_segmentation,
 )
 
 
 class PromptsegModel(fom.Model, fom.SamplesMixin):
     """Text-prompt instance segmentation (SAM 3 via promptseg) producing `fo.Detections` with masks.
+
+    `output="segmentation"` produces one semantic `fo.Segmentation` per sample instead (pixel
+    value = class id, numbered in prompt order; name them with ``dataset.mask_targets[field] =
+    model.mask_targets`` after `apply_model`), and `output="polylines"` produces `fo.Polylines`.
 
     `prompts` are used for every sample; `prompt_field` (or ``apply_model(...,
     prompt_field=...)``) adds per-sample prompts from a string, list of strings, or
@@ -47,6 +56,7 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         exemplar_field: str | None = None,
         mask_dir: str | os.PathLike | None = None,
         mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+        output: str = "detections",
         **options: Any,
     ) -> None:
         from promptseg.results import ensure_prompt_list
@@ -54,6 +64,8 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
 
         fom.SamplesMixin.__init__(self)
         self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
+        self.output = check_output(output)
+        self.class_ids = add_class_ids({}, self.prompts)
         self.segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
         self.options = options
         self.mask_dir = mask_dir
@@ -71,6 +83,11 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
     @needs_fields.setter
     def needs_fields(self, fields: dict[str, str] | None) -> None:
         self._fields = dict(fields or {})
+
+    @property
+    def mask_targets(self) -> dict[int, str]:
+        """{class id: prompt} of the segmentation masks predicted so far (``dataset.mask_targets``)."""
+        return {value: label for label, value in self.class_ids.items()}
 
     @property
     def media_type(self) -> str:
@@ -105,17 +122,21 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         if not phrases:
             if sample is None and not fields.get("prompt_field"):
                 raise PromptError("PromptsegModel has no prompts: pass prompts=[...] or prompt_field=...")
-            import fiftyone as fo
-
-            return fo.Detections()
+            return label_type(self.output)()
         exemplars = []
         if sample is not None and fields.get("exemplar_field"):
             exemplars = exemplars_from_value(sample[fields["exemplar_field"]], rgb.shape[:2], fields["exemplar_field"])
         result = self.segmenter.segment(rgb, phrases, exemplars=exemplars or None, **self.options)
+        if self.output == "polylines":
+            return to_polylines(result)
         height, width = result.image_size
         large = self.mask_path_min_pixels is not None and height * width >= self.mask_path_min_pixels
         mask_dir = (self.mask_dir or _default_mask_dir()) if large else None
         stem = sample.id if sample is not None else uuid.uuid4().hex
+        if self.output == "segmentation":
+            add_class_ids(self.class_ids, phrases)
+            path = os.path.join(os.fspath(mask_dir), f"{stem}.png") if mask_dir else None
+            return to_segmentation(result, self.class_ids, mask_path=path)
         return to_detections(result, mask_dir=mask_dir, mask_stem=stem)
 
     def predict_all(self, args, samples=None):

@@ -17,6 +17,11 @@ import fiftyone.operators.types as types
 from promptseg.errors import PromptsegError
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+OUTPUT_CHOICES = {
+    "detections": "Detections (one mask per instance)",
+    "segmentation": "Segmentation (one semantic mask per sample)",
+    "polylines": "Polylines (instance polygons)",
+}
 PROMPT_TYPES = ("StringField", "ListField", "Classification", "Classifications", "Detections")
 
 
@@ -49,11 +54,21 @@ class SegmentWithText(foo.Operator):
         problem = _prompt_problem(ctx.params.get("prompts"), ctx.params.get("prompt_field"))
         if problem:
             prompts.invalid, prompts.error_message = True, problem
+        output = ctx.params.get("output") or "detections"
+        choices = types.Dropdown()
+        for value, text in OUTPUT_CHOICES.items():
+            choices.add_choice(value, label=text)
+        inputs.enum(
+            "output", choices.values(), default="detections", label="Output",
+            description="Label type to write: instance masks, one class-id mask per sample, or polygons.",
+            view=choices,
+        )
+        kind = {"detections": "Detections", "segmentation": "Segmentation", "polylines": "Polylines"}.get(output)
         label_field = inputs.str(
             "label_field", default="promptseg", required=True, label="Label field",
-            description="New or existing Detections field to write the instances to.",
+            description=f"New or existing {kind or 'label'} field to write the results to.",
         )
-        problem = _label_field_problem(ctx, ctx.params.get("label_field", "promptseg"))
+        problem = _label_field_problem(ctx, ctx.params.get("label_field", "promptseg"), output)
         if problem:
             label_field.invalid, label_field.error_message = True, problem
         inputs.float(
@@ -113,6 +128,7 @@ class SegmentWithText(foo.Operator):
                 prompt_field=params.get("prompt_field") or None,
                 exemplar_field=params.get("exemplar_field") or None,
                 overwrite=bool(params.get("overwrite", False)),
+                output=params.get("output") or "detections",
                 progress=_ProgressReporter(ctx),
                 **options,
             )
@@ -146,6 +162,7 @@ class SegmentWithText(foo.Operator):
         mask_threshold=0.5,
         min_area=0,
         max_instances=None,
+        output="detections",
         delegate=False,
         delegation_target=None,
     ):
@@ -164,6 +181,7 @@ class SegmentWithText(foo.Operator):
             "mask_threshold": mask_threshold,
             "min_area": min_area,
             "max_instances": max_instances,
+            "output": output,
             "delegate": delegate,
         }
         return foo.execute_operator(
@@ -197,13 +215,13 @@ def _prompt_problem(prompts, prompt_field) -> str | None:
     return None
 
 
-def _label_field_problem(ctx, label_field) -> str | None:
+def _label_field_problem(ctx, label_field, output="detections") -> str | None:
     from promptseg_fiftyone.runner import check_label_field
 
     if ctx.dataset is None:
         return None
     try:
-        check_label_field(ctx.dataset, label_field)
+        check_label_field(ctx.dataset, label_field, output)
     except PromptsegError as exc:
         return str(exc)
     return None

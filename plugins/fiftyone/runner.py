@@ -1,9 +1,9 @@
-"""Segment every sample of a dataset, view or selection and store the instances as `fo.Detections`.
+"""Segment every sample of a dataset, view or selection and store the instances as FiftyOne labels.
 
 This is the loop behind the operator and the Python entry: it picks the samples still to do
 (resume), reads prompts and exemplars from sample fields, calls the core once per image, and
-writes results in batches. A sample counts as done once its label field holds a `Detections`
-(possibly empty), so a rerun after an interruption continues where the last batch ended; samples
+writes results in batches (`fo.Detections` by default, or one `fo.Segmentation` or `fo.Polylines`
+per sample). A sample counts as done once its label field holds a label (possibly empty), so a rerun after an interruption continues where the last batch ended; samples
 whose image could not be read are left empty, reported, and retried by the next run.
 """
 
@@ -21,9 +21,15 @@ from typing import Any
 from promptseg.errors import ImageError, OptionError, PromptError
 from promptseg_fiftyone.convert import (
     DEFAULT_MASK_PATH_MIN_PIXELS,
+    add_class_ids,
+    check_output,
+    class_ids_from_targets,
     exemplars_from_value,
+    label_type,
     prompts_from_value,
     to_detections,
+    to_polylines,
+    to_segmentation,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,10 +70,11 @@ def run_key_for(label_field: str) -> str:
     return f"promptseg_{label_field}"
 
 
-def check_label_field(samples, label_field: Any) -> bool:
-    """Raise `OptionError` unless `label_field` can hold our Detections; return whether it exists."""
+def check_label_field(samples, label_field: Any, output: str = "detections") -> bool:
+    """Raise `OptionError` unless `label_field` can hold the `output` labels; return whether it exists."""
     import fiftyone as fo
 
+    wanted = label_type(output)
     if not isinstance(label_field, str) or not _FIELD_NAME.match(label_field):
         raise OptionError(
             f"Bad label field name {label_field!r}: use letters, digits and underscores, starting "
@@ -77,11 +84,12 @@ def check_label_field(samples, label_field: Any) -> bool:
     if label_field not in schema:
         return False
     existing = schema[label_field]
-    if isinstance(existing, fo.EmbeddedDocumentField) and issubclass(existing.document_type, fo.Detections):
+    if isinstance(existing, fo.EmbeddedDocumentField) and issubclass(existing.document_type, wanted):
         return True
     kind = getattr(existing, "document_type", None) or type(existing)
     raise OptionError(
-        f"Field {label_field!r} already holds {kind.__name__}, not Detections: choose another label field."
+        f"Field {label_field!r} already holds {kind.__name__}, not {wanted.__name__}: choose another "
+        "label field."
     )
 
 
@@ -105,16 +113,22 @@ def segment_samples(
     batch_size: int = DEFAULT_BATCH_SIZE,
     mask_dir: str | os.PathLike | None = None,
     mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+    output: str = "detections",
     progress: Progress | None = None,
     **options: Any,
 ) -> RunSummary:
-    """Segment `samples` (a dataset or view) with text prompts into `label_field` as `fo.Detections`.
+    """Segment `samples` (a dataset or view) with text prompts into `label_field`.
+
+    `output` is the label type written per sample: ``"detections"`` (`fo.Detections`, one
+    instance mask each), ``"segmentation"`` (one semantic `fo.Segmentation` whose pixel values
+    are class ids, named by the field's ``mask_targets``; ids follow prompt order and are kept
+    across runs) or ``"polylines"`` (`fo.Polylines`, the core's polygons).
 
     Prompts are the fixed `prompts` plus, per sample, those read from `prompt_field` (a string,
     list of strings, or Classification(s)/Detections labels); `exemplar_field` (Detections) gives
     example boxes. Samples that already have `label_field` are skipped unless `overwrite`.
     Images with at least `mask_path_min_pixels` pixels get their masks as PNG files under
-    `mask_dir` (``None`` disables this). `options` go to `Segmenter.segment` (threshold,
+    `mask_dir` (``None`` disables this; not used by polylines). `options` go to `Segmenter.segment` (threshold,
     mask_threshold, min_area, smooth, max_instances, ...). Results are written every
     `batch_size` samples.
     """
@@ -131,18 +145,23 @@ def segment_samples(
         raise PromptError("No prompt given: pass prompts such as ['car', 'person'] or a prompt_field.")
     if batch_size < 1:
         raise OptionError(f"batch_size must be at least 1, got {batch_size}.")
-    exists = check_label_field(samples, label_field)
+    check_output(output)
+    exists = check_label_field(samples, label_field, output)
     check_source_field(samples, prompt_field, "prompt field")
     check_source_field(samples, exemplar_field, "exemplar field")
     dataset = samples._dataset
     segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
 
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
-    config = _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite)
+    config = _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output)
     if exists and not overwrite:
         _warn_if_settings_changed(dataset, summary, config)
     if not exists:
-        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=label_type(output))
+    class_ids = None
+    if output == "segmentation":
+        class_ids = add_class_ids(class_ids_from_targets(dataset.mask_targets.get(label_field)), fixed)
+        _store_mask_targets(dataset, label_field, class_ids)
     todo = samples if overwrite else samples.exists(label_field, False)
     ids = todo.values("id")
     summary.skipped = summary.total - len(ids)
@@ -157,11 +176,11 @@ def segment_samples(
             for done, sample in enumerate(view.iter_samples(), start=1):
                 labels = _segment_sample(
                     sample, segmenter, fixed, prompt_field, exemplar_field, options,
-                    mask_dir, mask_path_min_pixels, summary, load_image,
+                    mask_dir, mask_path_min_pixels, summary, load_image, output, class_ids,
                 )
                 if labels is not None:
-                    result, detections = labels
-                    sample[label_field] = detections
+                    result, label = labels
+                    sample[label_field] = label
                     writer.save(sample)
                     summary.processed += 1
                     summary.instances += len(result)
@@ -169,6 +188,8 @@ def segment_samples(
                 if progress:
                     progress(done, len(ids))
     finally:
+        if class_ids is not None:
+            _store_mask_targets(dataset, label_field, class_ids)
         summary.embedding_sources = dict(sources)
         summary.seconds = time.perf_counter() - started
         _record_run(samples, summary, config)
@@ -176,8 +197,8 @@ def segment_samples(
 
 
 def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, options,
-                    mask_dir, mask_path_min_pixels, summary, load_image):
-    """The (result, Detections) of one sample, or None when it is skipped (reported in `summary`)."""
+                    mask_dir, mask_path_min_pixels, summary, load_image, output="detections", class_ids=None):
+    """The (result, label) of one sample, or None when it is skipped (reported in `summary`)."""
     try:
         rgb = load_image(sample.filepath)
     except ImageError as exc:
@@ -196,11 +217,23 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
     result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
     height, width = result.image_size
     large = mask_path_min_pixels is not None and height * width >= mask_path_min_pixels
-    detections = to_detections(result, mask_dir=mask_dir if large else None, mask_stem=sample.id)
-    return result, detections
+    if output == "polylines":
+        return result, to_polylines(result)
+    if output == "segmentation":
+        add_class_ids(class_ids, phrases)  # ids follow prompt order, found or not
+        path = os.path.join(os.fspath(mask_dir), f"{sample.id}.png") if large else None
+        return result, to_segmentation(result, class_ids, mask_path=path)
+    return result, to_detections(result, mask_dir=mask_dir if large else None, mask_stem=sample.id)
 
 
-def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite):
+def _store_mask_targets(dataset, label_field: str, class_ids: dict[str, int]) -> None:
+    """Name the class ids of a segmentation field in the App (``dataset.mask_targets[label_field]``)."""
+    targets = {value: label for label, value in class_ids.items()}
+    if dataset.mask_targets.get(label_field) != targets:
+        dataset.mask_targets = {**dataset.mask_targets, label_field: targets}  # the setter saves
+
+
+def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output="detections"):
     return dataset.init_run(
         method="promptseg",
         prompts=list(fixed),
@@ -210,6 +243,7 @@ def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options
         model=segmenter.describe()["model"],
         segmenter=segmenter.describe(),
         overwrite=bool(overwrite),
+        output=output,
     )
 
 

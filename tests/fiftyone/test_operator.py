@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import URI
 from fo_helpers import assert_matches_core
@@ -82,6 +83,8 @@ def test_delegated_run_is_queued_then_executed(fo, operator, dataset, params, fo
         ({"prompts": ["car", "  "]}, "A prompt is empty"),
         ({"label_field": "bad.name"}, "Bad label field name"),
         ({"label_field": "filepath"}, "already holds StringField, not Detections"),
+        ({"label_field": "filepath", "output": "segmentation"}, "already holds StringField, not Segmentation"),
+        ({"label_field": "metadata", "output": "polylines"}, "already holds ImageMetadata, not Polylines"),
     ],
 )
 def test_form_errors_name_the_problem(fo, dataset, params, change, message):
@@ -101,3 +104,24 @@ def test_second_run_reuses_the_loaded_model_and_skips_the_image_encoder(operator
     # A freshly loaded model would start with an empty memory cache ("disk" at best).
     assert second.result["embedding_sources"] == {"memory": len(dataset)}
     assert fo_segmenter.stats.image_encoder_runs == runs
+
+
+def test_output_choice_writes_segmentation_and_refuses_a_field_of_another_type(fo, dataset, params, fo_segmenter):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionError
+
+    run = foo.execute_operator(URI, ctx={"dataset": dataset, "params": {**params, "output": "segmentation"}})
+    assert run.result["processed"] == len(dataset)
+    assert dataset.get_field("sam").document_type is fo.Segmentation
+    assert {int(k): v for k, v in dataset.mask_targets["sam"].items()} == {1: PROMPTS[0], 2: PROMPTS[1]}
+    sample = dataset.first()
+    result = fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0)
+    height, width = result.image_size
+    expected = np.zeros((height, width), dtype=np.uint8)
+    for index, inst in enumerate(result):
+        expected[result.to_label_image() == index + 1] = PROMPTS.index(inst.label) + 1
+    np.testing.assert_array_equal(sample["sam"].get_mask(), expected)
+
+    with pytest.raises(ExecutionError) as excinfo:
+        foo.execute_operator(URI, ctx={"dataset": dataset, "params": {**params, "output": "polylines"}})
+    assert "'sam' already holds Segmentation, not Polylines" in str(excinfo.value)
