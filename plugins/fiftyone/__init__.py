@@ -13,6 +13,7 @@ from __future__ import annotations
 
 _LAZY = {
     "SegmentWithText": "promptseg_fiftyone.operators",
+    "SuggestPrompts": "promptseg_fiftyone.operators",
     "PromptsegModel": "promptseg_fiftyone.model",
     "segment_samples": "promptseg_fiftyone.runner",
     "RunSummary": "promptseg_fiftyone.runner",
@@ -38,10 +39,11 @@ def register(p):
     try:
         # Absolute import: FiftyOne loads this file under its own module name, and the operators
         # must share one module (and one loaded model) with the `promptseg_fiftyone` package.
-        from promptseg_fiftyone.operators import SegmentWithText
+        from promptseg_fiftyone.operators import SegmentWithText, SuggestPrompts
     except ModuleNotFoundError as exc:
         raise ImportError(
             "The @promptseg/fiftyone plugin needs promptseg in FiftyOne's Python environment: "
             "pip install 'promptseg[fiftyone]'"
         ) from exc
     p.register(SegmentWithText)
+    p.register(SuggestPrompts)

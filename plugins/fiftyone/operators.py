@@ -1,4 +1,5 @@
-"""The `segment_with_text` operator: a form in the App, a callable in Python, a delegated job.
+"""The `segment_with_text` operator (a form in the App, a callable in Python, a delegated job) and
+the `suggest_prompts` operator (CLIP's ranked phrases for one sample, to copy into the first).
 
     import fiftyone.operators as foo
     segment = foo.get_operator("@promptseg/fiftyone/segment_with_text")
@@ -9,6 +10,7 @@ The work is `runner.segment_samples`; this module only turns form parameters int
 
 from __future__ import annotations
 
+import os
 import time
 
 import fiftyone.operators as foo
@@ -191,6 +193,82 @@ class SegmentWithText(foo.Operator):
             request_delegation=delegate,
             delegation_target=delegation_target,
         )
+
+
+class SuggestPrompts(foo.Operator):
+    """Rank a vocabulary of phrases by how likely CLIP finds them in the current sample's image."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="suggest_prompts",
+            label="Suggest prompts (promptseg)",
+            description="CLIP's most likely phrases for the open (or first selected) sample.",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        from promptseg.segmenter import default_model
+
+        inputs = types.Object()
+        sample_id = _sample_for(ctx)
+        if sample_id is None:
+            inputs.view("none", types.Warning(label="Open a sample or select one to get suggestions for it."))
+        inputs.int("k", default=10, min=1, label="Number of suggestions")
+        inputs.str(
+            "clip", default=os.environ.get("PROMPTSEG_CLIP") or None, required=False, label="CLIP model",
+            description="OpenCLIP NAME/TAG, NAME/PATH, hf-hub:ORG/REPO or local-dir:DIR "
+            "(default: PROMPTSEG_CLIP, else ViT-B-32/laion2b_s34b_b79k).",
+        )
+        inputs.str(
+            "model", default=None, required=False, label="Model",
+            description=f"Segmentation model loaded with it (default: {default_model()}).",
+        )
+        inputs.enum("device", DEVICES, default="auto", label="Device", view=types.DropdownView())
+        inputs.list(
+            "vocabulary", types.String(), required=False, label="Vocabulary (optional)",
+            description="Phrases to rank; empty means the shipped COCO + LVIS names.",
+        )
+        return types.Property(inputs, view=types.View(label="Suggest prompts"))
+
+    def execute(self, ctx):
+        from promptseg_fiftyone.segmenters import get_segmenter
+
+        params = ctx.params
+        sample_id = _sample_for(ctx)
+        if sample_id is None:
+            raise ValueError("No sample: open a sample in the App or select one, then run Suggest prompts.")
+        filepath = ctx.dataset[sample_id].filepath
+        try:
+            segmenter = get_segmenter(
+                params.get("model") or None, device=params.get("device") or "auto",
+                clip=params.get("clip") or os.environ.get("PROMPTSEG_CLIP") or True,
+            )
+            ranked = segmenter.suggest_prompts(filepath, params.get("vocabulary") or None, k=int(params.get("k", 10)))
+        except PromptsegError as exc:
+            raise ValueError(str(exc)) from exc
+        return {
+            "sample_id": sample_id,
+            "filepath": filepath,
+            "suggestions": [{"phrase": phrase, "score": score} for phrase, score in ranked],
+            "prompts": ", ".join(phrase for phrase, _ in ranked),
+        }
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        table = types.TableView()
+        table.add_column("phrase", label="Phrase")
+        table.add_column("score", label="CLIP probability")
+        outputs.list("suggestions", types.Object(), label="Suggested prompts, most likely first", view=table)
+        outputs.str("prompts", label="Copy into Segment with text")
+        return types.Property(outputs, view=types.View(label="promptseg suggestions"))
+
+
+def _sample_for(ctx) -> str | None:
+    """The open sample, else the first selected one."""
+    if ctx.current_sample:
+        return ctx.current_sample
+    return ctx.selected[0] if ctx.selected else None
 
 
 class _ProgressReporter:

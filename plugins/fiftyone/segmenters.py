@@ -1,4 +1,4 @@
-"""One loaded segmenter per (model, device, dtype, cache dir), reused by every run in the process.
+"""One loaded segmenter per (model, device, dtype, cache dir, CLIP), reused by every run in the process.
 
 The App server and a delegated-operation worker both live for many runs; keeping the model (and
 its in-memory embedding cache) loaded is what makes the second prompt over a view skip the image
@@ -27,17 +27,25 @@ def get_segmenter(
     device: str = "auto",
     dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
+    clip: str | bool | None = None,
 ):
-    """The process-wide `promptseg.Segmenter` for these settings, loading it on first use."""
+    """The process-wide `promptseg.Segmenter` for these settings, loading it on first use.
+
+    `clip` adds a CLIP scorer (a spec for `promptseg.load_segmenter`, or True for the default);
+    a segmenter with CLIP is a separate entry from the same model without it.
+    """
     import promptseg
 
     name = model or promptseg.default_model()
     key = (str(name), str(device or "auto"), str(dtype or "auto"), None if cache_dir is None else str(cache_dir))
+    if clip not in (None, False):
+        key += (str(clip),)
     with _LOCK:
         if key in _LOADED:
             _LOADED.move_to_end(key)
             return _LOADED[key]
-        segmenter = promptseg.load_segmenter(name, device=key[1], dtype=key[2], cache_dir=cache_dir)
+        extra = {"clip": clip} if clip not in (None, False) else {}
+        segmenter = promptseg.load_segmenter(name, device=key[1], dtype=key[2], cache_dir=cache_dir, **extra)
         _LOADED[key] = segmenter
         while len(_LOADED) > MAX_LOADED:
             dropped, _ = _LOADED.popitem(last=False)
