@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from promptseg.backends.base import Detections, Tensors
+from promptseg.backends.base import Detections, Tensors, split_detections
 from promptseg.backends.meta_device import DeviceRedirect
 
 NAME = "sam3-meta"
@@ -97,19 +97,11 @@ class Sam3MetaBackend:
             out = self.model.forward_grounding(
                 backbone_out=backbone_out, find_input=find, find_target=None, geometric_prompt=prompt
             )
-        scores = out["pred_logits"].float().sigmoid().squeeze(-1)
-        scores = scores * out["presence_logit_dec"].float().sigmoid()
-        results = []
-        for b in range(batch):
-            keep = scores[b] > threshold
-            results.append(
-                Detections(
-                    mask_probs=out["pred_masks"][b][keep].float().sigmoid(),
-                    boxes=out["pred_boxes_xyxy"][b][keep].float().clamp(0, 1),  # cxcywh may overhang
-                    scores=scores[b][keep],
-                )
-            )
-        return results
+        return split_detections(
+            out["pred_logits"].squeeze(-1), out["presence_logit_dec"], out["pred_masks"],
+            out["pred_boxes_xyxy"].clamp(0, 1),  # boxes from cxcywh may overhang the image
+            threshold,
+        )
 
     def _geometry(self, batch: int, boxes: torch.Tensor | None, labels: torch.Tensor | None):
         """Exemplar boxes as the package's geometric prompt (cxcywh, sequence first)."""
