@@ -119,15 +119,20 @@ def test_model_identity_is_content_based(tiny_sam3_dir, tmp_path):
     assert a == b  # a copied model directory shares cache entries
 
 
-@pytest.mark.parametrize("device, dtype, words", [("tpu", "auto", "Unknown device"), ("cuda:0", "auto", "CUDA"),
-                                                   ("cpu", "int8", "Unknown dtype")])
+@pytest.mark.parametrize("device, dtype, words", [("tpu", "auto", "Unknown device"), ("cpu", "int8", "Unknown dtype")])
 def test_bad_device_or_dtype_is_a_clear_error(tiny_sam3_dir, device, dtype, words):
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     with pytest.raises(OptionError, match=words):
         promptseg.load_segmenter(str(tiny_sam3_dir), device=device, dtype=dtype, cache_dir=False)
+
+
+def test_cuda_is_used_when_present_and_refused_clearly_when_absent(tiny_sam3_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        assert promptseg.load_segmenter(str(tiny_sam3_dir), device="cuda:0", cache_dir=False).device.type == "cuda"
+    else:
+        with pytest.raises(OptionError, match="CUDA is not available"):
+            promptseg.load_segmenter(str(tiny_sam3_dir), device="cuda:0", cache_dir=False)
 
 
 def test_device_and_dtype_policy():

@@ -127,7 +127,8 @@ class Chromium:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label-studio", default=os.environ.get("PROMPTSEG_LABEL_STUDIO")
-                        or shutil.which("label-studio") or "/work/lsvenv/bin/label-studio")
+                        or shutil.which("label-studio")
+                        or str(Path(__file__).resolve().parents[2] / ".venv-labelstudio" / "bin" / "label-studio"))
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     parser.add_argument("--model", default=None, help="model dir (default: a tiny random SAM 3)")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("napari")
+import napari  # noqa: F401
 
 
 @pytest.fixture

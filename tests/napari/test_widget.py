@@ -119,7 +119,8 @@ def test_cancel_stops_at_the_next_slice_and_adds_no_layer(viewer_widget, qtbot, 
 
     outcome = widget.last_outcome
     assert outcome.cancelled and "cancelled" in outcome.error
-    assert 1 <= widget.progress.value < 40
+    # cancel is requested on the first slice's signal; the worker may finish one more slice before it sees it
+    assert widget.progress.value in (1, 2) and widget.progress.max == 40
     assert len(viewer.layers) == layers_before
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert any("cancelled" in n.message for n in notifications)
