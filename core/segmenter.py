@@ -29,7 +29,7 @@ from promptseg.cache import (
 )
 from promptseg.device import dtype_name, resolve_device, resolve_dtype
 from promptseg.errors import CancelledError, ImageError, OptionError
-from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash
+from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
 from promptseg.stacks import StackResult
@@ -69,6 +69,7 @@ def load_segmenter(
     disk_cache_bytes: int = DEFAULT_DISK_BYTES,
     prompt_batch_size: int = 8,
     clip: str | bool | None = None,
+    max_pixels: int | None = None,
     **backend_options: Any,
 ) -> Segmenter:
     """Load a model and return a `Segmenter` that caches image embeddings.
@@ -81,6 +82,8 @@ def load_segmenter(
     `clip` adds a CLIP scorer (``"ViT-B-32/laion2b_s34b_b79k"``, a path, ``hf-hub:``/``local-dir:``,
     or True for the default) for verification, negatives, label sets and suggestions
     (see `promptseg.clip.load_clip`); None (the default) changes nothing.
+    `max_pixels` is the most pixels (height x width) an image file may decode to (default
+    `PROMPTSEG_MAX_PIXELS`, else 2**28); larger images are an `ImageError` naming it.
     """
     from promptseg.plugins import registry
 
@@ -89,6 +92,8 @@ def load_segmenter(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if prompt_batch_size < 1:
         raise OptionError(f"prompt_batch_size must be at least 1, got {prompt_batch_size}.")
+    if max_pixels is not None:
+        resolve_max_pixels(max_pixels)  # a bad budget fails before the model loads
     spec = registry().segmenter_for(str(model), backend)
     logger.info("Loading %s with backend %s on %s (%s)", model, spec.name, torch_device, dtype_name(torch_dtype))
     loaded = spec.load(str(model), device=torch_device, dtype=torch_dtype, **backend_options)
@@ -101,7 +106,9 @@ def load_segmenter(
         from promptseg.clip import load_clip
 
         scorer = load_clip(clip, device=torch_device, dtype=torch_dtype, cache_dir=cache_dir)
-    return Segmenter(loaded, cache, prompt_batch_size=prompt_batch_size, model_name=str(model), clip=scorer)
+    return Segmenter(
+        loaded, cache, prompt_batch_size=prompt_batch_size, model_name=str(model), clip=scorer, max_pixels=max_pixels
+    )
 
 
 class Segmenter:
@@ -119,8 +126,11 @@ class Segmenter:
         prompt_batch_size: int = 8,
         model_name: str | None = None,
         clip: Any = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.backend = backend
+        self.max_pixels = None if max_pixels is None else resolve_max_pixels(max_pixels)
+        """Pixel budget of each image this segmenter decodes; None: `PROMPTSEG_MAX_PIXELS` or 2**28."""
         self.clip = clip
         """The `ClipScorer` used for CLIP options and suggestions, or None."""
         self.cache = cache if cache is not None else EmbeddingCache()
@@ -204,7 +214,7 @@ class Segmenter:
         if clip_plan is not None:
             phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
         check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
-        rgb = load_image(image, percentiles=percentiles, channels=channels)
+        rgb = load_image(image, percentiles=percentiles, channels=channels, max_pixels=self.max_pixels)
         source = str(image) if isinstance(image, (str, os.PathLike)) else None
         grid = resolve_tiling(tile, overlap, rgb.shape[:2], self.backend.input_size)
         if grid is not None:
@@ -241,7 +251,7 @@ class Segmenter:
             raise OptionError("suggest_prompts needs a CLIP model: load_segmenter(..., clip=True) or --clip MODEL.")
         from promptseg.suggest import suggest_prompts
 
-        return suggest_prompts(self.clip, load_image(image), vocabulary, k)
+        return suggest_prompts(self.clip, load_image(image, max_pixels=self.max_pixels), vocabulary, k)
 
     def segment_batch(
         self,
@@ -255,10 +265,10 @@ class Segmenter:
     ) -> Iterator[SegmentationResult]:
         """Segment many images with the same prompts, yielding one result per image in order.
 
-        With `skip_errors` (the default) an image that cannot be read yields a result whose
-        `error` names the problem and whose `instances` is empty, and the run goes on; setup
-        errors (bad prompt or option) are raised at once. `progress(total, advance)` and
-        `cancel()` let hosts show progress and stop between images.
+        With `skip_errors` (the default) an image that cannot be read (missing, corrupt, over the
+        pixel budget...) yields a result whose `error` names the problem and whose `instances` is
+        empty, and the run goes on; setup errors (bad prompt or option) are raised at once.
+        `progress(total, advance)` and `cancel()` let hosts show progress and stop between images.
         """
         phrases = ensure_prompt_list(prompts)
         images = list(images) if not isinstance(images, list) else images
@@ -326,7 +336,7 @@ class Segmenter:
 
     def is_cached(self, image: Any) -> bool:
         """Whether `image`'s embedding is in the memory or disk cache (does not compute it)."""
-        key, _ = self._embedding_key(load_image(image))
+        key, _ = self._embedding_key(load_image(image, max_pixels=self.max_pixels))
         if self.cache.memory.get(key) is not None:
             return True
         return self.cache.disk is not None and self.cache.disk.path_for(key).exists()

@@ -7,6 +7,11 @@ linking compares like with like). Each slice goes through `Segmenter.segment`, s
 embedding cache and every option work per slice. Linking joins an instance to the instance of
 the same label in the previous slice that it overlaps most (mask IoU, one-to-one), giving each
 3D object one id through the stack.
+
+A slice that cannot be used (a file that does not read, a lazy slice whose data is missing, a
+slice of another size, no finite pixel) is reported in its result's ``error`` and skipped; the
+other slices go on. Files and lazy arrays are checked against the pixel budget per slice plane
+before anything is read (see `promptseg.images.resolve_max_pixels`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from promptseg.errors import CancelledError, ImageError, OptionError
-from promptseg.images import DEFAULT_PERCENTILES, intensity_limits, read_pixels, to_rgb8
+from promptseg.images import (
+    DEFAULT_PERCENTILES,
+    check_pixel_budget,
+    check_tiff_budget,
+    intensity_limits,
+    read_pixels,
+    to_rgb8,
+)
 from promptseg.masks import mask_iou
 from promptseg.results import Instance, SegmentationResult, ensure_prompt_list
 
@@ -64,6 +76,11 @@ class StackResult:
         """``(slices, height, width)`` of the label volume."""
         height, width = self.slices[0].image_size if self.slices else (0, 0)
         return len(self.slices), height, width
+
+    @property
+    def errors(self) -> dict[int, str]:
+        """Slice index -> why that slice could not be used (empty when every slice was segmented)."""
+        return {index: result.error for index, result in enumerate(self.slices) if result.error}
 
     @property
     def num_objects(self) -> int:
@@ -112,31 +129,40 @@ def parse_axes(axes: str | None, shape: tuple[int, ...]) -> str:
     return layout
 
 
-def open_stack(stack: Any, axes: str | None = None) -> tuple[Sequence[np.ndarray] | np.ndarray, str]:
+def open_stack(
+    stack: Any, axes: str | None = None, max_pixels: int | None = None
+) -> tuple[Sequence[np.ndarray] | np.ndarray, str]:
     """The stack as an indexable of slices and its layout, reading files without scaling them.
 
-    An array (or array-like) gets `axes` (or a guess); a TIFF file uses its own axes when it
-    records them (OME-TIFF, ImageJ); a list holds one image (path or array) per slice.
+    A numpy array gets `axes` (or a guess) and is read as a view; a lazy array (dask, zarr...)
+    is read one slice at a time; a TIFF file uses its own axes when it records them (OME-TIFF,
+    ImageJ); a list holds one image (path or array) per slice. Files and lazy arrays whose slice
+    plane is over `max_pixels` are refused before any pixel is read.
     """
     if isinstance(stack, (str, os.PathLike)):
-        return _open_tiff(Path(stack), axes)
+        return _open_tiff(Path(stack), axes, max_pixels)
     if isinstance(stack, (list, tuple)):
         if not stack:
             raise ImageError("The stack is empty: give at least one slice.")
-        return _LazySlices(stack), "ZYX" if axes is None else axes.upper()
-    array = np.asarray(stack) if not isinstance(stack, np.ndarray) else stack
+        return _LazySlices(stack, max_pixels), "ZYX" if axes is None else axes.upper()
+    lazy = not isinstance(stack, np.ndarray) and all(hasattr(stack, a) for a in ("shape", "dtype", "__getitem__"))
+    array = stack if lazy or isinstance(stack, np.ndarray) else np.asarray(stack)
     if array.ndim < 3:
         raise ImageError(f"A stack needs a slice axis; got shape {array.shape}. Use segment() for one image.")
-    layout = parse_axes(axes, array.shape)
+    layout = parse_axes(axes, tuple(array.shape))
     order = [layout.index(a) for a in layout if a in SLICE_AXES] + [layout.index("Y"), layout.index("X")]
     if "C" in layout:
         order.append(layout.index("C"))
     if array.shape[order[0]] == 0:
         raise ImageError(f"The stack is empty: shape {array.shape}.")
+    if lazy:
+        check_pixel_budget(array.shape[order[1]], array.shape[order[2]], max_pixels,
+                           f"slices of the stack of shape {tuple(array.shape)}")
+        return _LazyArraySlices(array, order), layout
     return np.transpose(array, order), layout  # a view: slice, Y, X[, C]
 
 
-def _open_tiff(path: Path, axes: str | None) -> tuple[np.ndarray, str]:
+def _open_tiff(path: Path, axes: str | None, max_pixels: int | None) -> tuple[np.ndarray, str]:
     import tifffile
 
     if not path.exists():
@@ -144,10 +170,13 @@ def _open_tiff(path: Path, axes: str | None) -> tuple[np.ndarray, str]:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            check_tiff_budget(series, max_pixels, path)  # from the metadata, before reading pixels
             recorded = series.axes.upper().replace("S", "C").replace("Q", "Z").replace("I", "Z")
             array = series.asarray()
-    except Exception as exc:
-        raise ImageError(f"Cannot read {path} as a TIFF stack: {exc}.") from exc
+    except ImageError:
+        raise
+    except Exception as exc:  # tifffile's errors, MemoryError...
+        raise ImageError(f"Cannot read {path} as a TIFF stack: {type(exc).__name__}: {exc}.") from exc
     if axes is None and len(recorded) == array.ndim and sum(a in SLICE_AXES for a in recorded) == 1:
         axes = recorded
     return open_stack(array, axes)
@@ -156,14 +185,43 @@ def _open_tiff(path: Path, axes: str | None) -> tuple[np.ndarray, str]:
 class _LazySlices:
     """A list of images (paths or arrays) read one at a time."""
 
-    def __init__(self, items: Sequence[Any]) -> None:
+    def __init__(self, items: Sequence[Any], max_pixels: int | None = None) -> None:
         self.items = list(items)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return read_pixels(self.items[index])
+        return read_pixels(self.items[index], max_pixels=self.max_pixels)
+
+
+class _LazyArraySlices:
+    """Slices of a lazy array (dask, zarr...) read one at a time as ``(Y, X[, C])`` numpy arrays."""
+
+    def __init__(self, array: Any, order: list[int]) -> None:
+        self.array = array
+        self.order = order  # slice axis, Y, X[, C] in the array's numbering
+        self.dtype = np.dtype(array.dtype)
+        self.shape = tuple(int(array.shape[axis]) for axis in order)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.read(index)
+
+    def read(self, index: int, step: int = 1) -> np.ndarray:
+        """Slice `index`, every `step`-th pixel in Y and X; a failed read is an `ImageError`."""
+        key: list[Any] = [slice(None)] * len(self.order)
+        key[self.order[0]] = index
+        key[self.order[1]] = key[self.order[2]] = slice(None, None, step)
+        kept = [axis for axis in range(len(self.order)) if axis != self.order[0]]
+        try:
+            piece = np.asarray(self.array[tuple(key)])
+        except Exception as exc:  # the loader's own error: a missing chunk file, a decode failure...
+            raise ImageError(f"Cannot read slice {index} of the stack: {type(exc).__name__}: {exc}.") from exc
+        return np.transpose(piece, [kept.index(axis) for axis in self.order[1:]])
 
 
 def segment_stack(
@@ -187,21 +245,28 @@ def segment_stack(
         raise OptionError(f"normalize must be 'stack' or 'slice', got {normalize!r}.")
     for name in ("progress", "cancel"):
         options.pop(name, None)
-    slices, layout = open_stack(stack, axes)
+    slices, layout = open_stack(stack, axes, max_pixels=segmenter.max_pixels)
     total = len(slices)
     limits = None
-    if normalize == "stack" and isinstance(slices, np.ndarray) and slices.dtype != np.uint8:
+    if normalize == "stack" and isinstance(slices, (np.ndarray, _LazyArraySlices)) and slices.dtype != np.uint8:
         limits = _stack_limits(slices, percentiles, channels)
     if progress:
         progress(total, 0)
     results: list[SegmentationResult] = []
     object_ids: list[list[int]] = []
     next_id = 1
+    size: tuple[int, int] | None = None
     for index in range(total):
         if cancel is not None and cancel():
             raise CancelledError(f"Stack segmentation was cancelled after {index} of {total} slices.")
-        rgb = to_rgb8(slices[index], percentiles=percentiles, channels=_channels(channels), limits=limits)
-        result = segmenter.segment(rgb, phrases, **options)
+        try:
+            rgb = to_rgb8(slices[index], percentiles=percentiles, channels=_channels(channels), limits=limits)
+            _check_slice_size(rgb.shape[:2], size, index)
+            result = segmenter.segment(rgb, phrases, **options)
+            size = size or tuple(rgb.shape[:2])
+        except ImageError as exc:
+            logger.warning("Skipping slice %d of the stack: %s", index, exc)
+            result = SegmentationResult(instances=[], image_size=(0, 0), prompts=phrases, error=str(exc))
         result.info["slice"] = index
         previous = (results[-1].instances, object_ids[-1]) if results and link_iou is not None else None
         ids, next_id = _assign_ids(result.instances, previous, link_iou, next_id)
@@ -211,6 +276,11 @@ def segment_stack(
         object_ids.append(ids)
         if progress:
             progress(total, 1)
+    if size is None:
+        raise ImageError(f"No slice of the stack could be used; slice 0: {results[0].error}")
+    for result in results:
+        if result.error:
+            result.image_size = size  # an empty slice of the label volume
     return StackResult(
         slices=results, object_ids=object_ids, axes=layout, linked=link_iou is not None,
         info={"link_iou": link_iou, "normalize": normalize},
@@ -231,13 +301,36 @@ def _link_threshold(link: bool | float) -> float | None:
     raise OptionError(f"link must be True, False or a mask IoU in (0, 1], got {link!r}.")
 
 
-def _stack_limits(slices: np.ndarray, percentiles, channels) -> np.ndarray:
-    """Intensity limits shared by the whole stack, from a strided sample of every slice."""
+def _check_slice_size(size: tuple[int, int], expected: tuple[int, int] | None, index: int) -> None:
+    if expected is not None and tuple(size) != tuple(expected):
+        raise ImageError(
+            f"Slice {index} is {size[1]} x {size[0]} pixels but the stack's slices are "
+            f"{expected[1]} x {expected[0]}: every slice of a stack needs the same size."
+        )
+
+
+def _stack_limits(slices: np.ndarray | _LazyArraySlices, percentiles, channels) -> np.ndarray | None:
+    """Intensity limits shared by the whole stack, from a strided sample of every readable slice.
+
+    A slice that cannot be read is left out here and reported when its turn comes; None when no
+    slice can be read.
+    """
     count = len(slices)
     per_slice = max(1, 4_000_000 // count)
     height, width = slices.shape[1:3]
     step = max(1, int(np.ceil(np.sqrt(height * width / per_slice))))
-    sample = slices[:, ::step, ::step]
+    samples = []
+    for index in range(count):
+        try:
+            if isinstance(slices, _LazyArraySlices):
+                samples.append(slices.read(index, step))
+            else:
+                samples.append(slices[index, ::step, ::step])
+        except ImageError as exc:
+            logger.debug("Slice %d left out of the stack's intensity range: %s", index, exc)
+    if not samples:
+        return None
+    sample = np.stack(samples)
     if sample.ndim == 4:
         if channels is None:
             sample = sample[..., :3]  # what to_rgb8 shows by default (RGBA loses alpha)

@@ -212,7 +212,10 @@ class Sam3Backend:
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch warns on those
             rgb = rgb.copy()
-        pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        # stated, not guessed: the processor reads a 1- or 3-pixel-high image as channel-first
+        pixels = self.image_processor(
+            images=rgb, return_tensors="pt", input_data_format="channels_last"
+        )["pixel_values"]
         return pixels.to(self.device, self.dtype)
 
     def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
