@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from promptseg.errors import OptionError
+from promptseg.images import check_pixel_budget, read_array_like
 
 AXES_CHOICES = ("auto", "YX", "YXC", "CYX", "ZYX", "TYX", "ZYXC", "TYXC", "ZCYX", "TCYX")
 """Layouts the widget accepts: one optional slice axis (Z or T), an optional channel axis, Y, X."""
@@ -36,8 +37,11 @@ class LayerInput:
         return "Z" in self.axes or "T" in self.axes
 
     def single_image(self) -> np.ndarray:
-        """A 2D image as ``(Y, X)`` or channel-last ``(Y, X, C)``, the layout `segment` reads."""
-        array = np.asarray(self.data)
+        """A 2D image as ``(Y, X)`` or channel-last ``(Y, X, C)``, the layout `segment` reads.
+
+        A lazy layer (dask, zarr) is read here; a failed read is an `ImageError`.
+        """
+        array = self.data if isinstance(self.data, np.ndarray) else read_array_like(self.data, name="the layer")
         if self.axes == "CYX":
             array = np.moveaxis(array, 0, -1)
         return array
@@ -81,6 +85,8 @@ def layer_input(layer: Any, axes: str = "auto") -> LayerInput:
         raise OptionError(f"Layer {layer.name!r} is RGB: its axes must end in C (e.g. YXC or ZYXC).")
     if data.shape[layout.index("Y")] < 2 or data.shape[layout.index("X")] < 2:
         raise OptionError(f"Layer {layer.name!r} of shape {tuple(data.shape)} has no 2D image to segment.")
+    # before any pixel is read: a lazy or multiscale layer's full resolution may not fit in memory
+    check_pixel_budget(data.shape[layout.index("Y")], data.shape[layout.index("X")], None, f"layer {layer.name!r}")
     # layer.scale has one entry per layer dimension; an RGB layer's colour axis (last) has none,
     # so dropping C from the data axes gives the Labels axes and their positions in layer.scale.
     keep = [i for i, a in enumerate(layout) if a != "C"]

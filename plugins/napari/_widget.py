@@ -102,6 +102,8 @@ class Outcome:
     model: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     cancelled: bool = False
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Slices of a stack that could not be used (empty in the labels), with the reason."""
 
 
 class _ProgressRelay(QObject):
@@ -115,14 +117,15 @@ def run_job(job: Job, progress, cancel) -> Outcome:
     try:
         segmenter = get_segmenter(job.model, job.device)
         start = time.perf_counter()
+        skipped = {}
         if job.source.is_stack:
-            import numpy as np
-
+            # a lazy (dask, zarr) layer is passed as it is: read one slice at a time
             result = segmenter.segment_stack(
-                np.asarray(job.source.data), job.prompts, axes=job.source.axes, link=job.link,
+                job.source.data, job.prompts, axes=job.source.axes, link=job.link,
                 progress=progress, cancel=cancel, **job.options,
             )
             labels, features = labels_from_stack(result)
+            skipped = result.errors
         else:
             result = segmenter.segment(
                 job.source.single_image(), job.prompts, progress=progress, cancel=cancel, **job.options
@@ -130,7 +133,7 @@ def run_job(job: Job, progress, cancel) -> Outcome:
             labels, features = labels_from_result(result)
         return Outcome(
             labels=labels, features=features, source=embedding_source(result),
-            seconds=time.perf_counter() - start, model=segmenter.describe(),
+            seconds=time.perf_counter() - start, model=segmenter.describe(), skipped=skipped,
         )
     except CancelledError as exc:
         return Outcome(cancelled=True, error=str(exc))
@@ -299,6 +302,17 @@ class SegmentWidget(Container):
                 f"embedding: {SOURCE_TEXT.get(outcome.source, outcome.source)}"
             )
             self._viewer.status = f"promptseg: {found} ({outcome.seconds:.2f} s)"
+            if outcome.skipped:
+                self._report_skipped(outcome.skipped, job.source.labels_shape[0])
+
+    def _report_skipped(self, skipped: dict[int, str], total: int) -> None:
+        """Slices that could not be used stay empty in the labels: say which and why."""
+        first, reason = next(iter(skipped.items()))
+        numbers = ", ".join(map(str, list(skipped)[:10])) + (", ..." if len(skipped) > 10 else "")
+        message = (f"{len(skipped)} of {total} slices could not be used and are empty in the labels "
+                   f"(slices {numbers}). Slice {first}: {reason}")
+        self.status.value += f"\nskipped slices: {numbers}"
+        show_warning(message)
 
     def _on_errored(self, exc: Exception) -> None:
         # napari's worker already shows the exception as a notification (with its traceback).

@@ -25,9 +25,9 @@ def viewer_widget(make_napari_viewer, tiny_sam3_dir):
     yield viewer, widget
     if widget.running:  # never leave a worker behind a closing viewer
         widget.cancel()
-        from napari.qt.threading import wait_for_workers_to_quit
+        from napari.qt.threading import WorkerBase
 
-        wait_for_workers_to_quit(10_000)
+        WorkerBase.await_workers(10_000)
 
 
 @pytest.fixture
