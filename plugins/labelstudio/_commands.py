@@ -3,8 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
 from promptseg.hookspecs import hookimpl
+
+logger = logging.getLogger(__name__)
+RESERVED_THREADS = 2  # kept free of /predict so /health and /setup answer at once
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: a number of request threads, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads, at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def work_slots_for(threads: int) -> int | None:
+    """Prediction slots for a server of `threads` threads (None: PROMPTSEG_WORK_SLOTS decides)."""
+    if os.environ.get("PROMPTSEG_WORK_SLOTS"):
+        return None
+    if threads <= RESERVED_THREADS:
+        logger.warning("With %d request thread(s), /health can wait behind /predict: use --threads %d or more.",
+                       threads, RESERVED_THREADS + 1)
+    return max(1, threads - RESERVED_THREADS)
 
 
 @hookimpl
@@ -16,14 +53,19 @@ def promptseg_add_commands(subparsers) -> None:
         "serve", help="start the ML backend (waitress WSGI server)",
         description="Start the backend. Settings come from LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, "
         "BASIC_AUTH_USER/BASIC_AUTH_PASS, PROMPTSEG_MODEL, PROMPTSEG_THRESHOLD, PROMPTSEG_ALLOWED_HOSTS, "
-        "LOCAL_FILES_DOCUMENT_ROOT; options given here win.",
+        "LOCAL_FILES_DOCUMENT_ROOT, PROMPTSEG_TRUST_SETUP_HOST, PROMPTSEG_MAX_DOWNLOAD_BYTES, "
+        "PROMPTSEG_DOWNLOAD_TIMEOUT; options given here win.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=9090, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=port_number, default=9090, help="port, 1-65535 (default: %(default)s)")
     serve.add_argument("--model", default=None, help="hub id or local directory (default: PROMPTSEG_MODEL or facebook/sam3)")
     serve.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     serve.add_argument("--threshold", type=float, default=None, help="default score threshold (PROMPTSEG_THRESHOLD, else 0.5)")
-    serve.add_argument("--threads", type=int, default=4, help="request threads (default: %(default)s)")
+    serve.add_argument("--threads", type=thread_count, default=4,
+                       help="request threads; all but 2 may run predictions at once (default: %(default)s)")
+    serve.add_argument("--trust-setup-host", action="store_true", default=None,
+                       help="without LABEL_STUDIO_URL, fetch Label Studio files from the host (with the token) "
+                       "that /setup sends, even without basic auth (PROMPTSEG_TRUST_SETUP_HOST=1)")
     serve.set_defaults(func=run_serve)
     group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
 
@@ -32,9 +74,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from waitress import serve
 
     from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.config import BackendConfig
+    from promptseg_labelstudio.config import BackendConfig, exposure_warning
 
-    config = BackendConfig.from_env(model=args.model, device=args.device, threshold=args.threshold)
+    config = BackendConfig.from_env(model=args.model, device=args.device, threshold=args.threshold,
+                                    trust_setup_host=args.trust_setup_host, work_slots=work_slots_for(args.threads))
+    warning = exposure_warning(args.host, config)
+    if warning:
+        logger.warning(warning)
     app = create_app(config=config)
     print(f"promptseg Label Studio backend on http://{args.host}:{args.port} "
           f"(model {config.model or 'default'}); connect it in Project settings > Model.", flush=True)

@@ -24,16 +24,25 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from promptseg_labelstudio._commands import port_number, thread_count, work_slots_for
+
     parser = argparse.ArgumentParser(description="promptseg Label Studio ML backend")
-    parser.add_argument("-p", "--port", type=int, default=9090)
+    parser.add_argument("-p", "--port", type=port_number, default=9090)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=thread_count, default=4)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from waitress import serve
 
-    serve(__getattr__("app"), host=args.host, port=args.port, threads=args.threads)
+    from promptseg_labelstudio.app import create_app
+    from promptseg_labelstudio.config import BackendConfig, exposure_warning
+
+    config = BackendConfig.from_env(work_slots=work_slots_for(args.threads))
+    warning = exposure_warning(args.host, config)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
+    serve(create_app(config=config), host=args.host, port=args.port, threads=args.threads)
     return 0
 
 

@@ -5,22 +5,28 @@ Endpoints Label Studio 1.23 calls: ``GET /health`` (and ``/``), ``POST /setup``,
 events; promptseg does not train, so they are acknowledged), ``GET /versions``, plus ``/train``
 and ``/metrics`` for older servers. Every error is JSON ``{"error": ...}``; a bad task fails
 alone, inside a 200 response, and the server keeps serving.
+
+WSGI servers run requests on a fixed pool of threads. ``/predict`` (downloads and inference)
+may hold at most ``config.work_slots`` of them; a request beyond that gets 503 with
+``Retry-After`` at once, so ``/health`` and ``/setup`` always find a free thread.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from typing import Any
 
 from promptseg.errors import PromptsegError
 from promptseg_labelstudio.config import BackendConfig
-from promptseg_labelstudio.labeling import LabelingConfigError
+from promptseg_labelstudio.labeling import JSON_TYPES, LabelingConfigError
 from promptseg_labelstudio.model import PromptsegModel
 
 logger = logging.getLogger(__name__)
 
 NOT_TRAINING = "promptseg is prompt-driven and does not train: nothing to do."
+RETRY_AFTER_SECONDS = 5
 
 
 class BadRequest(PromptsegError):
@@ -43,11 +49,28 @@ def create_app(model: PromptsegModel | None = None, config: BackendConfig | None
     app.extensions["promptseg_model"] = model
     auth = (config.basic_auth_user, config.basic_auth_pass) if config.basic_auth_user else None
 
+    slots = threading.BoundedSemaphore(config.work_slots) if config.work_slots else None
+
     def body() -> dict[str, Any]:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:
+            raise BadRequest("The request body is JSON nested too deeply: send Label Studio's request as it is.") from None
         if not isinstance(data, dict):
             raise BadRequest("The request body must be a JSON object (Content-Type: application/json).")
         return data
+
+    def optional_text(data: dict, key: str) -> str | None:
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{key!r} must be a string or null, got a JSON {JSON_TYPES.get(type(value), 'value')}.")
+        return value
+
+    def busy():
+        return Response(
+            '{"error": "The backend is busy: every prediction slot is taken. Retry in a few seconds, or start '
+            'the backend with more --threads (or a higher PROMPTSEG_WORK_SLOTS)."}', 503,
+            {"Retry-After": str(RETRY_AFTER_SECONDS), "Content-Type": "application/json"})
 
     @app.before_request
     def check_auth():
@@ -72,8 +95,8 @@ def create_app(model: PromptsegModel | None = None, config: BackendConfig | None
         data = body()
         schema = data.get("schema") or data.get("label_config")
         project = data.get("project")
-        return jsonify(model.setup(str(project or ""), schema, data.get("hostname"),
-                                   data.get("access_token"), data.get("extra_params")))
+        return jsonify(model.setup(str(project or ""), schema, optional_text(data, "hostname"),
+                                   optional_text(data, "access_token"), data.get("extra_params")))
 
     @app.post("/predict")
     def predict():
@@ -83,7 +106,14 @@ def create_app(model: PromptsegModel | None = None, config: BackendConfig | None
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks.")
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         context = params.get("context") or data.get("context") or None
-        results = model.predict(tasks, data.get("label_config"), project=data.get("project"), context=context)
+        if slots is not None and not slots.acquire(blocking=False):
+            logger.warning("Refused a /predict request: all %d prediction slots are busy", config.work_slots)
+            return busy()
+        try:
+            results = model.predict(tasks, data.get("label_config"), project=data.get("project"), context=context)
+        finally:
+            if slots is not None:
+                slots.release()
         return jsonify({"results": results, "model_version": model.model_version})
 
     @app.post("/webhook")

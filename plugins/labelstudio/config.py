@@ -7,24 +7,32 @@ its default score threshold and the limits that keep a network service safe.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from promptseg.errors import OptionError
+from promptseg_labelstudio.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, DownloadLimits
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
+DEFAULT_WORK_SLOTS = 2  # waitress's default 4 threads, less 2 kept for /health and /setup
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 @dataclass
 class BackendConfig:
     """Everything the backend needs besides the project's labeling config.
 
-    `label_studio_url`/`api_key` let it fetch uploaded and storage files (``/setup`` can supply
-    them per project when they are unset). `allowed_hosts` are further hosts (``host`` or
-    ``host:port``) image URLs may point at; no other host is ever contacted. `document_root`
-    confines plain file paths and Local Storage files; without it plain paths are refused.
+    `label_studio_url`/`api_key` let it fetch uploaded and storage files; the key is sent to
+    that URL and nowhere else. When the URL is unset, the host and token Label Studio sends with
+    ``/setup`` are used only if `setup_may_name_host` (basic auth on, or `trust_setup_host`).
+    `allowed_hosts` are further hosts (``host`` or ``host:port``) image URLs may point at; no
+    other host is ever contacted. `document_root` confines plain file paths and Local Storage
+    files; without it plain paths are refused. Downloads stop past `max_download_bytes` or
+    `download_timeout` seconds. At most `work_slots` ``/predict`` requests run at once (more get
+    503), so the server's other threads stay free for ``/health`` and ``/setup``; None: no limit.
     """
 
     model: str | None = None
@@ -40,6 +48,10 @@ class BackendConfig:
     document_root: Path | None = None
     download_dir: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    trust_setup_host: bool = False
+    max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
+    work_slots: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
@@ -58,6 +70,21 @@ class BackendConfig:
             self.document_root = root
         if self.max_request_bytes < 1024:
             raise OptionError("PROMPTSEG_MAX_REQUEST_BYTES must be at least 1024.")
+        if self.max_download_bytes < 1:
+            raise OptionError(f"PROMPTSEG_MAX_DOWNLOAD_BYTES must be a positive number of bytes, got {self.max_download_bytes}.")
+        if not self.download_timeout > 0:
+            raise OptionError(f"PROMPTSEG_DOWNLOAD_TIMEOUT must be a positive number of seconds, got {self.download_timeout}.")
+        if self.work_slots is not None and self.work_slots < 1:
+            raise OptionError(f"PROMPTSEG_WORK_SLOTS must be at least 1, got {self.work_slots}.")
+
+    @property
+    def setup_may_name_host(self) -> bool:
+        """Whether ``/setup`` may name the Label Studio host: only when callers are authenticated or the operator says so."""
+        return self.trust_setup_host or bool(self.basic_auth_user)
+
+    @property
+    def download_limits(self) -> DownloadLimits:
+        return DownloadLimits(self.max_download_bytes, self.download_timeout)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> BackendConfig:
@@ -68,7 +95,6 @@ class BackendConfig:
             threshold_value = float(threshold) if threshold not in (None, "") else 0.5
         except ValueError:
             raise OptionError(f"PROMPTSEG_THRESHOLD must be a number between 0 and 1, got {threshold!r}.") from None
-        max_bytes = env.get("PROMPTSEG_MAX_REQUEST_BYTES")
         root = env.get("LOCAL_FILES_DOCUMENT_ROOT") or env.get("PROMPTSEG_DOCUMENT_ROOT")
         values = dict(
             model=env.get("PROMPTSEG_MODEL") or None,
@@ -81,7 +107,11 @@ class BackendConfig:
             basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
             allowed_hosts=tuple(h.strip().lower() for h in env.get("PROMPTSEG_ALLOWED_HOSTS", "").split(",") if h.strip()),
             document_root=Path(root) if root else None,
-            max_request_bytes=int(max_bytes) if max_bytes else DEFAULT_MAX_REQUEST_BYTES,
+            max_request_bytes=env_number(env, "PROMPTSEG_MAX_REQUEST_BYTES", int, DEFAULT_MAX_REQUEST_BYTES),
+            trust_setup_host=env_flag(env, "PROMPTSEG_TRUST_SETUP_HOST"),
+            max_download_bytes=env_number(env, "PROMPTSEG_MAX_DOWNLOAD_BYTES", int, DEFAULT_MAX_DOWNLOAD_BYTES),
+            download_timeout=env_number(env, "PROMPTSEG_DOWNLOAD_TIMEOUT", float, DEFAULT_DOWNLOAD_TIMEOUT),
+            work_slots=env_number(env, "PROMPTSEG_WORK_SLOTS", int, DEFAULT_WORK_SLOTS),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -89,7 +119,49 @@ class BackendConfig:
 
 def check_base_url(url: str, what: str) -> str:
     """A Label Studio base URL must be absolute http(s): fail early with the fix."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise OptionError(f"{what} must be a full URL such as http://127.0.0.1:8080, got {url!r}.")
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise OptionError(f"{what} must be a full URL such as http://127.0.0.1:8080, got {url[:200]!r}.")
     return url.rstrip("/")
+
+
+def env_number(env, name: str, kind: type, default):
+    """A number from the environment, or `OptionError` naming the variable."""
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise OptionError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}.") from None
+
+
+def env_flag(env, name: str) -> bool:
+    """A yes/no switch from the environment (1/true/yes/on or 0/false/no/off)."""
+    value = env.get(name, "").strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise OptionError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {value!r}.")
+    return value in TRUE_WORDS
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, config: BackendConfig) -> str | None:
+    """What to tell an operator who serves beyond this machine without basic auth, else None."""
+    if is_loopback(host) or config.basic_auth_user:
+        return None
+    return (f"Serving on {host} without basic auth: anyone who reaches this port can run predictions "
+            "and read what the backend can read. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter "
+            "them in Label Studio's Connect Model dialog), or bind --host 127.0.0.1 behind a proxy.")

@@ -1,32 +1,59 @@
-"""Turn a task's image reference into a local file, without server-side request forgery.
+"""Turn a task's image reference into a local file, without request forgery or credential leaks.
 
-Uploaded files, Local Storage and cloud-storage URLs go through label-studio-sdk's
-`get_local_path`, with every HTTP request (redirects included) checked against an allow-list:
-the Label Studio host plus configured hosts. Plain paths and Local Storage paths are read only
-inside the document root.
+Label Studio references (uploads, Local Storage, the storage proxy, ``s3:``/``gs:``/``azure-blob:``
+through the task's presign endpoint) are routed the way label-studio-sdk's ``get_local_path``
+routes them, but downloaded here with `promptseg_labelstudio.download`: that function reads
+bodies whole, without a timeout, keeps every file for the life of the process and falls back
+to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` from the environment for any host it is given.
+
+Rules: every HTTP request (redirects included) goes only to the Label Studio host or
+``PROMPTSEG_ALLOWED_HOSTS``; the token goes only to the Label Studio host it belongs to
+(requests drops it on a redirect to another host); plain paths and Local Storage paths are
+read only inside the document root; downloaded files are deleted once the task is done.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from promptseg.errors import ImageError
+from promptseg_labelstudio.download import DownloadLimits, download
 
 logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LABEL_STUDIO_PREFIXES = ("/data/", "data/", "/upload/", "upload/", "/storage-data/", "storage-data/")
+MAX_REFERENCE_CHARS = 8192
+NO_SOURCE_HINT = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the backend."
 
 
 class ForbiddenURLError(ImageError):
     """An image URL points at a host or path the backend may not read."""
+
+
+class HTTPStatusError(ImageError):
+    """A host answered a download with an error status."""
+
+
+@dataclass(frozen=True)
+class LabelStudioSource:
+    """A Label Studio base URL and the token that may be sent to it (and to nothing else)."""
+
+    url: str
+    token: str | None = None
 
 
 class _AllowListAdapter(HTTPAdapter):
@@ -41,13 +68,29 @@ class _AllowListAdapter(HTTPAdapter):
         return super().send(request, **kwargs)
 
 
+def shown(reference: str, limit: int = 120) -> str:
+    """`reference` quoted for a message, shortened when long."""
+    return repr(reference if len(reference) <= limit else reference[:limit] + "...")
+
+
+def parse_url(url: str):
+    """`urlparse` whose port is checked, with malformed URLs as `ImageError`."""
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+    except ValueError as exc:
+        detail = "its port must be 1-65535" if "port" in str(exc).lower() else str(exc)
+        raise ImageError(f"Image URL {shown(url)} is malformed ({detail}): fix the task's data.") from None
+    return parsed
+
+
 def check_host(url: str, allowed: frozenset[str]) -> None:
     """Raise `ForbiddenURLError` unless `url` is http(s) on an allowed ``host`` or ``host:port``."""
-    parsed = urlparse(url)
+    parsed = parse_url(url)
     host = (parsed.hostname or "").lower()
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     if parsed.scheme not in ("http", "https") or not host:
-        raise ForbiddenURLError(f"Image URL {url!r} is not an http(s) URL.")
+        raise ForbiddenURLError(f"Image URL {shown(url)} is not an http(s) URL.")
     if host not in allowed and f"{host}:{port}" not in allowed:
         raise ForbiddenURLError(
             f"Image URL host {host}:{port} is not allowed: only the Label Studio host and "
@@ -57,7 +100,7 @@ def check_host(url: str, allowed: frozenset[str]) -> None:
 
 def host_entry(url: str) -> str:
     """The ``host:port`` allow-list entry of a base URL."""
-    parsed = urlparse(url)
+    parsed = parse_url(url)
     return f"{(parsed.hostname or '').lower()}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
 
 
@@ -65,16 +108,64 @@ def confine(root: Path | None, relative: str) -> Path:
     """`relative` inside `root`, or `ForbiddenURLError` if it would escape (``..``, symlinks)."""
     if root is None:
         raise ForbiddenURLError(
-            f"Task image {relative!r} is a local path, and local paths are disabled: set "
+            f"Task image {shown(relative)} is a local path, and local paths are disabled: set "
             "LOCAL_FILES_DOCUMENT_ROOT to the folder holding the images."
         )
     normal = posixpath.normpath(relative.replace("\\", "/")).lstrip("/")
     if normal == ".." or normal.startswith("../"):
-        raise ForbiddenURLError(f"Task image {relative!r} climbs out of the document root ('..').")
+        raise ForbiddenURLError(f"Task image {shown(relative)} climbs out of the document root ('..').")
     candidate = (root / normal).resolve()
     if candidate != root and root not in candidate.parents:
-        raise ForbiddenURLError(f"Task image {relative!r} is outside the document root.")
+        raise ForbiddenURLError(f"Task image {shown(relative)} is outside the document root.")
     return candidate
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Label Studio takes JWTs (personal access tokens) as ``Bearer``, legacy tokens as ``Token``."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (ValueError, TypeError):
+        return False
+    return isinstance(header, dict) and "alg" in header
+
+
+def label_studio_urls(reference: str, base: str, task_id: int | None) -> list[str]:
+    """The URLs a Label Studio reference is downloaded from, in the order to try them.
+
+    Uploads go through the storage proxy first (it serves cloud-backed default storage too),
+    then the older ``/data/upload/`` path, as label-studio-sdk does.
+    """
+    if reference.split(":", 1)[0].lower() in CLOUD_SCHEMES:
+        if task_id is None:
+            raise ImageError(f"Cloud storage image {shown(reference)} needs its task id to be presigned by Label Studio.")
+        fileuri = base64.urlsafe_b64encode(reference.encode()).decode()
+        return [f"{base}/tasks/{task_id}/presign/?fileuri={fileuri}"]
+    path = "/" + reference.lstrip("/")
+    if path.startswith("/upload/"):
+        path = "/data" + path
+    if path.startswith("/data/upload/"):
+        return [f"{base}/storage-data/uploaded/?filepath={path[len('/data/'):]}", base + path]
+    return [base + path]
+
+
+def local_storage_path(reference: str) -> str | None:
+    """The ``?d=`` file of a ``/data/local-files/?d=...`` reference (the last value, as Label Studio reads it)."""
+    parsed = urlparse("/" + reference.lstrip("/"))
+    if not parsed.path.startswith("/data/local-files"):
+        return None
+    values = parse_qs(parsed.query, keep_blank_values=True).get("d")
+    if not values or not values[-1]:
+        raise ImageError(f"Local Storage URL {shown(reference)} names no file (?d=...).")
+    return values[-1]
+
+
+def file_suffix(url: str) -> str:
+    """The image's extension from the URL (readers may dispatch on it), or none."""
+    suffix = posixpath.splitext(urlparse(url).path)[1].lower()
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
 
 
 class ImageFetcher:
@@ -82,83 +173,127 @@ class ImageFetcher:
 
     def __init__(
         self,
-        label_studio_url: str | None,
-        access_token: str | None,
+        source: LabelStudioSource | None,
         allowed_hosts: tuple[str, ...] = (),
         document_root: Path | None = None,
         download_dir: Path | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
-        self.label_studio_url = label_studio_url
-        self.access_token = access_token
+        self.source = source
         allowed = set(allowed_hosts)
-        if label_studio_url:
-            allowed.add(host_entry(label_studio_url))
+        if source is not None:
+            allowed.add(host_entry(source.url))
         self.allowed = frozenset(allowed)
         self.document_root = document_root
         self.download_dir = download_dir
+        self.limits = limits or DownloadLimits()
         self.session = requests.Session()
         adapter = _AllowListAdapter(self.allowed)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
-    def fetch(self, reference: str, task_id: int | None = None) -> str:
-        """A local path to the image `reference` (URL or path) of task `task_id`."""
+    @contextmanager
+    def local_image(self, reference: str, task_id: int | None = None,
+                    no_source_hint: str = NO_SOURCE_HINT) -> Iterator[str]:
+        """A local path to the image `reference` (URL or path) of task `task_id`.
+
+        A downloaded file lives only inside the ``with`` block; local files are left alone.
+        `no_source_hint` says what to set when a Label Studio file has no host and token to use.
+        """
+        target = self._locate(reference, task_id, no_source_hint)
+        if isinstance(target, Path):
+            yield str(target)
+            return
+        path = self._download_first(target, reference)
+        try:
+            yield str(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _locate(self, reference: str, task_id: int | None, no_source_hint: str) -> Path | list[str]:
+        """A local file, or the URLs to download the image from."""
         if not isinstance(reference, str) or not reference.strip():
             raise ImageError("The task has no image URL in the field the labeling config names.")
         reference = reference.strip()
-        scheme = urlparse(reference).scheme.lower()
+        if len(reference) > MAX_REFERENCE_CHARS:
+            raise ImageError(
+                f"The task's image reference is {len(reference):,} characters long (the limit is "
+                f"{MAX_REFERENCE_CHARS:,}): fix the task's data to hold the image's URL or path."
+            )
         if reference.startswith("data:"):
             raise ImageError("Inline data: URLs are not supported: import the image as a file.")
+        scheme = parse_url(reference).scheme.lower()
         if scheme == "file":
-            return str(self._local(unquote(urlparse(reference).path)))
+            return self._local(unquote(urlparse(reference).path))
         if scheme in ("http", "https"):
             check_host(reference, self.allowed)
-            return self._sdk_fetch(reference, task_id)
+            return [reference]
         if scheme in CLOUD_SCHEMES or reference.startswith(LABEL_STUDIO_PREFIXES):
-            if not self.label_studio_url or not self.access_token:
-                raise ImageError(
-                    f"Task image {reference!r} is stored in Label Studio: set LABEL_STUDIO_URL and "
-                    "LABEL_STUDIO_API_KEY for the backend (or let Label Studio send them with /setup)."
-                )
-            return self._sdk_fetch(reference, task_id)
+            relative = local_storage_path(reference)
+            if relative is not None and self.document_root is not None:
+                return self._checked(confine(self.document_root, relative), relative)
+            if self.source is None or not self.source.token:
+                raise ImageError(f"Task image {shown(reference)} is stored in Label Studio: {no_source_hint}")
+            return label_studio_urls(reference, self.source.url, task_id)
         if scheme and len(scheme) > 1:
             raise ForbiddenURLError(f"Image URL scheme {scheme!r} is not supported (use http(s), s3, gs, azure-blob).")
-        return str(self._local(reference))
+        return self._local(reference)
 
     def _local(self, path: str) -> Path:
         root = self.document_root
         if root is not None and os.path.isabs(path):
             resolved = Path(path).resolve()
             if resolved != root and root not in resolved.parents:
-                raise ForbiddenURLError(f"Task image {path!r} is outside the document root.")
-            return resolved
-        return confine(root, path)
+                raise ForbiddenURLError(f"Task image {shown(path)} is outside the document root.")
+            return self._checked(resolved, path)
+        return self._checked(confine(root, path), path)
 
-    def _local_files(self, relative: str) -> str | None:
-        return str(confine(self.document_root, relative)) if self.document_root else None
-
-    def _sdk_fetch(self, reference: str, task_id: int | None) -> str:
-        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
-            get_local_path,
-            http_session,
-            local_files_resolver,
-        )
-
+    @staticmethod
+    def _checked(path: Path, reference: str) -> Path:
+        """`path`, unless the file system refuses it (e.g. a name too long); a missing file is the reader's to report."""
         try:
-            with http_session(self.session), local_files_resolver(self._local_files if self.document_root else None):
-                return get_local_path(
-                    reference,
-                    cache_dir=str(self.download_dir) if self.download_dir else None,
-                    hostname=self.label_studio_url or "",
-                    access_token=self.access_token or "",
-                    task_id=task_id,
-                )
-        except ImageError:
-            raise
+            path.stat()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ImageError(f"Task image {shown(reference)} cannot be read: {exc.strerror}. Fix the task's data.") from None
+        return path
+
+    def _headers(self, url: str) -> dict[str, str]:
+        """The token, only for a request to the Label Studio host it belongs to."""
+        source = self.source
+        if source is None or not source.token or host_entry(url) != host_entry(source.url):
+            return {}
+        scheme = "Bearer" if looks_like_jwt(source.token) else "Token"
+        return {"Authorization": f"{scheme} {source.token}"}
+
+    def _download_first(self, urls: list[str], reference: str) -> Path:
+        """Download the first of `urls` that answers; an HTTP error status moves on to the next one."""
+        for url in urls[:-1]:
+            try:
+                return self._download(url, reference)
+            except HTTPStatusError as exc:
+                logger.debug("%s; trying the next URL", exc)
+        return self._download(urls[-1], reference)
+
+    def _download(self, url: str, reference: str) -> Path:
+        try:
+            return download(self.session, url, self._headers(url), self.download_dir, self.limits, file_suffix(url))
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
-            raise ImageError(f"Fetching {reference!r} failed with HTTP {status}: check the URL and the API key.") from exc
+            fix = "check the URL"
+            if status in (401, 403):
+                fix = "check the token (LABEL_STUDIO_API_KEY, or the one Label Studio sends with /setup)"
+            raise HTTPStatusError(f"Fetching {shown(reference)} failed with HTTP {status}: {fix}.") from exc
+        except requests.Timeout as exc:
+            raise ImageError(
+                f"Fetching {shown(reference)} timed out (no answer within {self.limits.socket_timeouts[1]:g} s; "
+                "PROMPTSEG_DOWNLOAD_TIMEOUT sets the limit): check that the host is up."
+            ) from exc
+        except requests.ConnectionError as exc:
+            raise ImageError(
+                f"Fetching {shown(reference)} failed: cannot connect to {host_entry(url)} or the connection broke. "
+                "Check the URL and that the host is up."
+            ) from exc
         except requests.RequestException as exc:
-            raise ImageError(f"Fetching {reference!r} failed: {exc}") from exc
-        except (FileNotFoundError, ValueError) as exc:
-            raise ImageError(f"Cannot read {reference!r}: {exc}") from exc
+            raise ImageError(f"Fetching {shown(reference)} failed: {exc}") from exc

@@ -17,6 +17,7 @@ from promptseg.errors import PromptsegError
 GEOMETRY = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
 LABELED = {v: k for k, v in GEOMETRY.items()}
 PROMPT_ATTRIBUTES = ("hint", "prompt")
+JSON_TYPES = {dict: "object", list: "list", int: "number", float: "number", bool: "boolean"}
 
 
 class LabelingConfigError(PromptsegError):
@@ -99,13 +100,22 @@ def _normalise(text: str) -> str:
     return " ".join(str(text).split())
 
 
-@lru_cache(maxsize=64)
 def parse_labeling_config(config: str) -> LabelingPlan:
     """Read a labeling config (XML string) into a `LabelingPlan`; cached, configs repeat."""
+    if config is None or (isinstance(config, str) and not config.strip()):
+        raise LabelingConfigError("The request has no labeling config ('label_config' or 'schema').")
+    if not isinstance(config, str):
+        raise LabelingConfigError(
+            f"The labeling config must be the project's XML as a string, got a JSON {JSON_TYPES.get(type(config), 'value')}: "
+            "send the project's label_config as it is (e.g. '<View>...</View>')."
+        )
+    return _parse(config)
+
+
+@lru_cache(maxsize=64)
+def _parse(config: str) -> LabelingPlan:
     from label_studio_sdk.label_interface import LabelInterface
 
-    if not isinstance(config, str) or not config.strip():
-        raise LabelingConfigError("The request has no labeling config ('label_config' or 'schema').")
     try:
         interface = LabelInterface(config)
     except Exception as exc:  # the SDK raises lxml and its own errors alike

@@ -8,7 +8,6 @@ interactive prompts after the first cost only the prompt decoder.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from promptseg.errors import ImageError, OptionError, PromptsegError
 from promptseg_labelstudio.config import BackendConfig, check_base_url
-from promptseg_labelstudio.fetch import ImageFetcher, host_entry
+from promptseg_labelstudio.fetch import ImageFetcher, LabelStudioSource, host_entry
 from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
 from promptseg_labelstudio.regions import regions_for
 
@@ -26,15 +25,25 @@ SEGMENT_PARAMS = {
     "threshold": float, "mask_threshold": float, "min_area": int, "smooth": int, "max_instances": int,
 }
 EXTRA_PARAMS = {**SEGMENT_PARAMS, "polygon_tolerance": float}
+SETUP_HOST_REFUSED = (
+    "a host named by an unauthenticated /setup never receives a token: set LABEL_STUDIO_URL, or allow "
+    "/setup to name the host by turning on basic auth (BASIC_AUTH_USER, BASIC_AUTH_PASS) or setting "
+    "PROMPTSEG_TRUST_SETUP_HOST=1 (--trust-setup-host)"
+)
 
 
 @dataclass
 class ProjectSettings:
-    """What ``/setup`` told us about one project."""
+    """What ``/setup`` told us about one project.
+
+    `hostname` is kept only when the backend may take the Label Studio host from ``/setup``;
+    otherwise it is `refused_hostname`, remembered for the error message.
+    """
 
     hostname: str | None = None
     access_token: str | None = None
     params: dict | None = None
+    refused_hostname: str | None = None
 
 
 class PromptsegModel:
@@ -49,26 +58,34 @@ class PromptsegModel:
         )
         name = Path(str(self.segmenter.model_name).rstrip("/")).name or "model"
         self.model_version = f"promptseg-{promptseg.__version__}-{name}"
-        self.download_dir = self.config.download_dir or Path(tempfile.mkdtemp(prefix="promptseg-ls-"))
         self._projects: dict[str, ProjectSettings] = {}
         self._lock = threading.Lock()
-        self._fetchers: dict[tuple[str | None, str | None], ImageFetcher] = {}
+        self._fetchers: dict[LabelStudioSource | None, ImageFetcher] = {}
+        if self.config.api_key and not self.config.label_studio_url:
+            logger.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever sent "
+                           "to LABEL_STUDIO_URL, so it is not used. Set LABEL_STUDIO_URL to Label Studio's address.")
         _import_sdk_parts()
 
     # -- Label Studio's calls ---------------------------------------------------------------
     def setup(self, project: str, schema: str, hostname: str | None = None,
               access_token: str | None = None, extra_params: Any = None) -> dict:
-        """Check the project's config and remember its host, token and extra params."""
+        """Check the project's config and remember its host (if trusted), token and extra params."""
         parse_labeling_config(schema)
         params = self._check_extra_params(extra_params)
+        settings = ProjectSettings(access_token=access_token or None, params=params)
         if hostname:
             hostname = check_base_url(hostname, "The hostname sent by /setup")
             configured = self.config.label_studio_url
-            if configured and host_entry(configured) != host_entry(hostname):
-                logger.warning("Ignoring /setup hostname %s: LABEL_STUDIO_URL pins %s", hostname, configured)
-                hostname = None
+            if configured:
+                if host_entry(configured) != host_entry(hostname):
+                    logger.warning("Ignoring /setup hostname %s: LABEL_STUDIO_URL pins %s", hostname, configured)
+            elif self.config.setup_may_name_host:
+                settings.hostname = hostname
+            else:
+                logger.warning("Ignoring /setup hostname %s: %s", hostname, SETUP_HOST_REFUSED)
+                settings.refused_hostname = hostname
         with self._lock:
-            self._projects[_project_key(project)] = ProjectSettings(hostname, access_token or None, params)
+            self._projects[_project_key(project)] = settings
         return {"model_version": self.model_version}
 
     def predict(self, tasks: list[dict], label_config: str, project: str | None = None,
@@ -79,12 +96,13 @@ class PromptsegModel:
         options = self._segment_options(settings.params)
         tolerance = float((settings.params or {}).get("polygon_tolerance", 0.0))
         fetcher = self._fetcher(settings)
+        hint = self._no_source_hint(settings)
         typed = typed_prompt(context, plan) if context else None
         predictions = []
         for task in tasks:
             task_id = task.get("id") if isinstance(task, dict) else None
             try:
-                predictions.append(self._predict_task(task, plan, fetcher, options, tolerance, typed, context))
+                predictions.append(self._predict_task(task, plan, fetcher, hint, options, tolerance, typed, context))
             except PromptsegError as exc:
                 logger.warning("Task %s: %s", task_id, exc)
                 predictions.append(self._failed(task_id, str(exc)))
@@ -98,13 +116,12 @@ class PromptsegModel:
         """A failed task: no ``result`` key, so Label Studio logs it and stores no empty prediction."""
         return {"error": f"task {task_id}: {message}", "task": task_id, "model_version": self.model_version}
 
-    def _predict_task(self, task, plan: LabelingPlan, fetcher, options, tolerance, typed, context) -> dict:
+    def _predict_task(self, task, plan: LabelingPlan, fetcher, hint, options, tolerance, typed, context) -> dict:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise ImageError("A task must be an object with a 'data' object.")
         reference = task["data"].get(plan.value_key)
         if reference is None:
             raise ImageError(f"The task has no {plan.value_key!r} field, which the labeling config's <Image> reads.")
-        path = fetcher.fetch(reference, task.get("id"))
         if context:
             if typed is None:
                 raise PromptMatchError(
@@ -112,12 +129,13 @@ class PromptsegModel:
                     + (f"TextArea {plan.textareas[0]!r}" if plan.textareas else "prompt TextArea (add one to the config)")
                 )
             label, phrase = plan.label_for_prompt(typed)
-            result = self.segmenter.segment(path, [phrase], **options)
-            regions = regions_for(result, plan.outputs, lambda inst: label, tolerance)
+            phrases, label_of = [phrase], lambda inst: label
         else:
             phrases, phrase_to_label = plan.batch_prompts()
+            label_of = lambda inst: phrase_to_label.get(inst.label)  # noqa: E731
+        with fetcher.local_image(reference, task.get("id"), hint) as path:
             result = self.segmenter.segment(path, phrases, **options)
-            regions = regions_for(result, plan.outputs, lambda inst: phrase_to_label.get(inst.label), tolerance)
+        regions = regions_for(result, plan.outputs, label_of, tolerance)
         scores = [inst.score for inst in result.instances]
         return {
             "result": regions,
@@ -129,14 +147,40 @@ class PromptsegModel:
         with self._lock:
             return self._projects.get(_project_key(project)) or ProjectSettings()
 
+    def _source(self, settings: ProjectSettings) -> LabelStudioSource | None:
+        """Where Label Studio files come from, with the token that may go there.
+
+        ``LABEL_STUDIO_API_KEY`` goes only to ``LABEL_STUDIO_URL``; a host from ``/setup`` (kept
+        only when trusted) gets only the token of that same ``/setup``.
+        """
+        if self.config.label_studio_url:
+            return LabelStudioSource(self.config.label_studio_url, self.config.api_key or settings.access_token)
+        if settings.hostname:
+            return LabelStudioSource(settings.hostname, settings.access_token)
+        return None
+
+    def _no_source_hint(self, settings: ProjectSettings) -> str:
+        """What to set so that Label Studio files can be fetched."""
+        if self.config.label_studio_url:
+            return "set LABEL_STUDIO_API_KEY for the backend (a Label Studio legacy token)."
+        hint = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the backend"
+        if self.config.api_key:
+            hint += " (LABEL_STUDIO_API_KEY is only ever sent to LABEL_STUDIO_URL, which is unset)"
+        if settings.refused_hostname:
+            hint += f". /setup named {settings.refused_hostname}, but {SETUP_HOST_REFUSED}"
+        elif settings.hostname:
+            hint += " (Label Studio sent no token with /setup)"
+        return hint + "."
+
     def _fetcher(self, settings: ProjectSettings) -> ImageFetcher:
-        url = self.config.label_studio_url or settings.hostname
-        token = self.config.api_key or settings.access_token
+        source = self._source(settings)
         with self._lock:
-            fetcher = self._fetchers.get((url, token))
+            fetcher = self._fetchers.get(source)
             if fetcher is None:
-                fetcher = ImageFetcher(url, token, self.config.allowed_hosts, self.config.document_root, self.download_dir)
-                self._fetchers[(url, token)] = fetcher
+                config = self.config
+                fetcher = ImageFetcher(source, config.allowed_hosts, config.document_root, config.download_dir,
+                                       config.download_limits)
+                self._fetchers[source] = fetcher
             return fetcher
 
     def _segment_options(self, params: dict | None) -> dict:
@@ -200,11 +244,10 @@ def _project_key(project: Any) -> str:
 
 
 def _import_sdk_parts() -> None:
-    """Import the SDK's config parser, brush codec and fetcher now, not on the first request.
+    """Import the SDK's config parser and brush codec now, not on the first request.
 
     They take seconds to import, and Label Studio gives ``/setup`` only 3 s (ML_TIMEOUT_SETUP)
     before it declares the backend broken.
     """
-    import label_studio_sdk._extensions.label_studio_tools.core.utils.io  # noqa: F401
     import label_studio_sdk.converter.brush  # noqa: F401
     import label_studio_sdk.label_interface  # noqa: F401

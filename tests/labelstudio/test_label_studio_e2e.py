@@ -108,13 +108,15 @@ def backend(tiny_sam3_dir, tmp_path_factory):
     """Our backend through its real command, ``promptseg labelstudio serve`` (waitress), in a subprocess.
 
     No LABEL_STUDIO_URL/API key and the default threshold: the host and token come from Label
-    Studio's ``/setup`` call, the threshold from the project's extra params.
+    Studio's ``/setup`` call (allowed by PROMPTSEG_TRUST_SETUP_HOST, as basic auth is off), the
+    threshold from the project's extra params.
     """
     work = tmp_path_factory.mktemp("backend")
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_")) and k not in ("PROMPTSEG_THRESHOLD", "LOCAL_FILES_DOCUMENT_ROOT")}
-    env.update(PROMPTSEG_CACHE_DIR=str(work / "cache"), PROMPTSEG_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    env.update(PROMPTSEG_CACHE_DIR=str(work / "cache"), PROMPTSEG_DEVICE="cpu", HF_HUB_OFFLINE="1",
+               PROMPTSEG_TRUST_SETUP_HOST="1")
     command = [sys.executable, "-m", "promptseg.cli", "labelstudio", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--model", str(tiny_sam3_dir)]
     log = work / "backend.log"
