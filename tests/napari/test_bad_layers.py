@@ -92,3 +92,26 @@ def test_a_stack_with_no_readable_slice_gives_a_notification_not_a_traceback(
     assert outcome is not None and "No slice of the stack could be used" in outcome.error
     assert _by_severity(notifications, "error") == [outcome.error]
     assert len(viewer.layers) == layers_before and widget.run_button.enabled
+
+
+def test_a_lazy_image_whose_file_went_missing_gives_a_notification_not_a_traceback(
+    viewer_widget, run_widget, notifications, tmp_path
+):
+    import dask
+    import dask.array as da
+
+    viewer, widget = viewer_widget
+    path = tmp_path / "image.npy"
+    np.save(path, structured((64, 80), seed=9, dtype=np.uint16, high=3000))
+    viewer.add_image(da.from_delayed(dask.delayed(np.load)(str(path)), (64, 80), np.uint16),
+                     contrast_limits=(0, 3000), name="lazy image")
+    path.unlink()
+    widget.prompts.value = "cell"
+    layers_before = len(viewer.layers)
+
+    outcome = run_widget(widget)
+
+    assert outcome is not None and "Cannot read the pixels of the layer" in outcome.error
+    assert "FileNotFoundError" in outcome.error
+    assert _by_severity(notifications, "error") == [outcome.error]
+    assert len(viewer.layers) == layers_before and widget.run_button.enabled
