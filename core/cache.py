@@ -3,9 +3,11 @@
 An image embedding is what the prompt decoder consumes: a small dict of tensors. The key is a
 content hash of the decoded pixels plus everything that changes the embedding (backend, model
 id and revision, dtype, input size, cache format version), so a different precision or model
-never reads another's entry. Disk writes are atomic; a truncated or mismatched file is deleted
-and recomputed with a warning; the disk store is capped in bytes and evicts the least recently
-used files.
+never reads another's entry. Disk writes are atomic; a truncated or mismatched file, or one whose
+tensors are not what the backend produces (names, shapes, dtypes) or hold NaN or infinite values,
+is deleted and recomputed with a warning; the disk store is capped in bytes and evicts the least
+recently used files. Both tiers hold contiguous tensors, so a decoder reading an entry from memory
+or from disk sees the same values in the same layout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ DEFAULT_MEMORY_BYTES = 2 * 1024**3
 DEFAULT_DISK_BYTES = 20 * 1024**3
 
 Tensors = dict[str, torch.Tensor]
+TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""Name -> (shape, dtype) of every tensor an embedding must hold (see `embedding_spec` in the backends)."""
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +53,26 @@ def make_key(**parts: object) -> str:
 
 def tensors_nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def tensor_problem(tensors: Tensors, spec: TensorSpec | None = None) -> str | None:
+    """Why `tensors` cannot be used as the embedding `spec` describes, or None when they can.
+
+    Without a spec only the values are checked (every floating tensor finite).
+    """
+    if spec is not None:
+        if set(tensors) != set(spec):
+            return f"holds tensors {sorted(tensors)} where the backend makes {sorted(spec)}"
+        for name, (shape, dtype) in spec.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != tuple(shape):
+                return f"has {name} of shape {tuple(tensor.shape)} where the backend makes {tuple(shape)}"
+            if tensor.dtype != dtype:
+                return f"has {name} in {tensor.dtype} where the backend makes {dtype}"
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"has NaN or infinite values in {name}"
+    return None
 
 
 @dataclass
@@ -119,8 +143,12 @@ class DiskCache:
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.SUFFIX}"
 
-    def get(self, key: str, expected: dict[str, str]) -> Tensors | None:
-        """The tensors stored under `key`, or None; a damaged or mismatched file is removed."""
+    def get(self, key: str, expected: dict[str, str], spec: TensorSpec | None = None) -> Tensors | None:
+        """The tensors stored under `key`, or None; a damaged or mismatched file is removed.
+
+        `expected` is the key parts the file's metadata must repeat; `spec` the names, shapes and
+        dtypes its tensors must have (their values must be finite in any case).
+        """
         from safetensors import safe_open
 
         path = self.path_for(key)
@@ -137,6 +165,10 @@ class DiskCache:
         expected_names = set(json.loads(metadata.get("tensor_names", "[]")))
         if mismatched or not tensors or expected_names != set(tensors):
             self._discard(path, f"does not match what was expected ({mismatched or 'tensor set'})")
+            return None
+        problem = tensor_problem(tensors, spec)
+        if problem is not None:
+            self._discard(path, f"valid on its face but {problem}")
             return None
         try:
             os.utime(path)  # recency for LRU eviction
@@ -222,16 +254,21 @@ class EmbeddingCache:
         self.stats = CacheStats()
 
     def get(
-        self, key: str, metadata: dict[str, str], device: torch.device | str = "cpu"
+        self, key: str, metadata: dict[str, str], device: torch.device | str = "cpu",
+        spec: TensorSpec | None = None,
     ) -> tuple[Tensors | None, str]:
-        """Return ``(tensors, source)``; source is ``"memory"``, ``"disk"`` or ``"miss"``."""
+        """Return ``(tensors, source)``; source is ``"memory"``, ``"disk"`` or ``"miss"``.
+
+        A disk entry is checked against `spec` (see `DiskCache.get`); memory holds only what
+        was computed here or already checked.
+        """
         tensors = self.memory.get(key)
         if tensors is not None:
             self.stats.memory_hits += 1
             return tensors, "memory"
         if self.disk is not None:
             try:
-                tensors = self.disk.get(key, metadata)
+                tensors = self.disk.get(key, metadata, spec)
             except OSError as exc:
                 self.stats.disk_errors += 1
                 logger.warning("Cannot read the embedding cache at %s: %s", self.disk.root, exc)
@@ -244,7 +281,9 @@ class EmbeddingCache:
         self.stats.misses += 1
         return None, "miss"
 
-    def put(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> None:
+    def put(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> Tensors:
+        """Store `tensors` in both tiers; return them as stored (contiguous), for the caller to use."""
+        tensors = {name: t.contiguous() for name, t in tensors.items()}
         self.memory.put(key, tensors)
         if self.disk is not None:
             try:
@@ -252,3 +291,4 @@ class EmbeddingCache:
             except OSError as exc:  # a full or read-only disk must not stop segmentation
                 self.stats.disk_errors += 1
                 logger.warning("Cannot write the embedding cache at %s: %s", self.disk.root, exc)
+        return tensors

@@ -8,6 +8,7 @@ post-processing -> `SegmentationResult`.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -90,11 +91,11 @@ def load_segmenter(
     model = model or default_model()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if prompt_batch_size < 1:
-        raise OptionError(f"prompt_batch_size must be at least 1, got {prompt_batch_size}.")
+    _check_load_options(prompt_batch_size, memory_cache_bytes, disk_cache_bytes)
     if max_pixels is not None:
         resolve_max_pixels(max_pixels)  # a bad budget fails before the model loads
     spec = registry().segmenter_for(str(model), backend)
+    _check_backend_options(spec, backend_options)
     logger.info("Loading %s with backend %s on %s (%s)", model, spec.name, torch_device, dtype_name(torch_dtype))
     loaded = spec.load(str(model), device=torch_device, dtype=torch_dtype, **backend_options)
     disk = None
@@ -210,6 +211,7 @@ class Segmenter:
         with a multilingual CLIP.
         """
         phrases = ensure_prompt_list(prompts)
+        exemplars, exemplar_labels = check_exemplars(exemplars, exemplar_labels)
         clip_plan = plan_clip(self.clip, phrases, verify, clip_threshold, negative, negative_margin, exclusive)
         if clip_plan is not None:
             phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
@@ -325,13 +327,14 @@ class Segmenter:
     def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
         """The image embedding of RGB pixels and where it came from (memory, disk or computed)."""
         key, key_parts = self._embedding_key(rgb)
+        spec = getattr(self.backend, "embedding_spec", None)  # optional: what a disk entry must hold
         with self._lock:
-            features, origin = self.cache.get(key, key_parts, self.device)
+            features, origin = self.cache.get(key, key_parts, self.device, spec(rgb.shape[:2]) if spec else None)
             if features is not None:
                 return features, origin
             features = self.backend.encode_image(self.backend.preprocess(rgb))
             self.stats.image_encoder_runs += 1
-            self.cache.put(key, features, key_parts)
+            features = self.cache.put(key, features, key_parts)  # as stored, so a later hit decodes alike
             return features, "computed"
 
     def is_cached(self, image: Any) -> bool:
@@ -382,20 +385,118 @@ class Segmenter:
         return instances
 
 
-def _normalise_exemplars(exemplars, labels, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalise_exemplars(boxes: np.ndarray, labels: np.ndarray, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked pixel boxes (see `check_exemplars`) -> normalised xyxy inside the image, and labels."""
     height, width = image_size
-    boxes = torch.as_tensor(np.asarray(exemplars, dtype=np.float32).reshape(-1, 4))
-    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
-        raise OptionError("Exemplar boxes must be pixel (x0, y0, x1, y1) with x1 > x0 and y1 > y0.")
-    boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
-    boxes = boxes.clamp(0, 1)
-    if labels is None:
-        label_tensor = torch.ones(len(boxes), dtype=torch.long)
-    else:
-        label_tensor = torch.as_tensor(list(labels), dtype=torch.long)
-        if label_tensor.shape != (len(boxes),) or not torch.isin(label_tensor, torch.tensor([0, 1])).all():
-            raise OptionError("exemplar_labels needs one 1 (positive) or 0 (negative) per exemplar box.")
-    return boxes, label_tensor
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    normalised = (torch.as_tensor(np.asarray(boxes), dtype=torch.float32) / scale).clamp(0, 1)
+    return normalised, torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+
+EXEMPLAR_FORM = "pixel corner boxes (x0, y0, x1, y1) with x1 > x0 and y1 > y0, e.g. exemplars=[(40, 30, 110, 80)]"
+
+
+def check_exemplars(
+    exemplars: Any, exemplar_labels: Any = None
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Check visual exemplars once, before any work, and return them as ``(N, 4)`` float pixel
+    boxes and ``(N,)`` labels (1 positive, 0 negative; all 1 when not given), or ``(None, None)``.
+
+    Raises `OptionError` naming what is wrong (shape, non-numbers, NaN or infinite coordinates,
+    empty or reversed boxes, label count or values) and the expected form.
+    """
+    if exemplars is None or _empty(exemplars):
+        if exemplar_labels is not None and not _empty(exemplar_labels):
+            raise OptionError(
+                "exemplar_labels were given without exemplars: pass exemplars as "
+                f"{EXEMPLAR_FORM} (one label each), or leave exemplar_labels out."
+            )
+        return None, None
+    boxes = _numbers(exemplars, "exemplars", EXEMPLAR_FORM)
+    if boxes.shape == (4,):
+        boxes = boxes[None]  # one box given flat
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise OptionError(
+            f"exemplars must be four numbers per box, got an array of shape {boxes.shape}: give {EXEMPLAR_FORM}."
+        )
+    for index, box in enumerate(boxes):
+        if not np.isfinite(box).all():
+            raise OptionError(f"Exemplar box {index} {box.tolist()} has a NaN or infinite coordinate: give {EXEMPLAR_FORM}.")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise OptionError(
+                f"Exemplar box {index} {box.tolist()} is empty or reversed: boxes are {EXEMPLAR_FORM} "
+                "(corners, not width and height)."
+            )
+    if exemplar_labels is None:
+        return boxes, np.ones(len(boxes), dtype=np.int64)
+    labels = _numbers(exemplar_labels, "exemplar_labels", "1 (positive) or 0 (negative) per box")
+    if labels.shape != (len(boxes),):
+        raise OptionError(
+            f"exemplar_labels has shape {labels.shape} for {len(boxes)} exemplar box(es): give one 1 (positive) "
+            "or 0 (negative) per box, or leave it out to mark every box positive."
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise OptionError(
+            f"exemplar_labels must be 1 (positive) or 0 (negative), got {labels.tolist()}."
+        )
+    return boxes, labels.astype(np.int64)
+
+
+def _numbers(value: Any, name: str, form: str) -> np.ndarray:
+    """`value` as a float array, or an `OptionError` when it holds anything but real numbers."""
+    try:
+        array = np.asarray(value)
+        numeric = array.dtype.kind in "biuf"
+        array = array.astype(np.float64) if numeric else array
+    except (TypeError, ValueError) as exc:  # ragged nesting, objects that are not numbers
+        raise OptionError(f"{name} must be {form}; got {_short(value)} ({exc}).") from None
+    if not numeric:
+        raise OptionError(f"{name} must hold numbers only: give {form}; got {_short(value)}.")
+    return array
+
+
+def _empty(value: Any) -> bool:
+    try:
+        return len(value) == 0
+    except TypeError:  # a scalar: not empty, and refused later as the wrong shape
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_load_options(prompt_batch_size: Any, memory_cache_bytes: Any, disk_cache_bytes: Any) -> None:
+    """Raise `OptionError` for a bad `load_segmenter` size option, before the model loads."""
+    if not _whole(prompt_batch_size) or prompt_batch_size < 1:
+        raise OptionError(f"prompt_batch_size must be a whole number >= 1 (8 is usual), got {prompt_batch_size!r}.")
+    for name, value in (("memory_cache_bytes", memory_cache_bytes), ("disk_cache_bytes", disk_cache_bytes)):
+        if not _whole(value) or value < 0:
+            raise OptionError(
+                f"{name} must be a whole number of bytes >= 0, got {value!r}"
+                + (" (use cache_dir=False to turn the disk cache off)." if name == "disk_cache_bytes" else ".")
+            )
+
+
+def _check_backend_options(spec: Any, options: dict[str, Any]) -> None:
+    """Raise `OptionError` for a keyword the chosen backend's loader does not take."""
+    import inspect
+
+    parameters = inspect.signature(spec.load).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = sorted(set(parameters) - {"model", "device", "dtype"})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise OptionError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for the {spec.name} backend: besides "
+            f"load_segmenter's own options it takes {', '.join(accepted) or 'nothing'}. Check the spelling."
+        )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_options(
@@ -411,7 +512,7 @@ def check_options(
     def unit(name, value, allow_none=False):
         if value is None and allow_none:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
             raise OptionError(f"{name} must be a number between 0 and 1, got {value!r}.")
 
     unit("threshold", threshold)
@@ -421,10 +522,10 @@ def check_options(
     unit("iou_threshold", iou_threshold, allow_none=True)
     unit("cross_prompt_iou", cross_prompt_iou, allow_none=True)
     for name, value in (("min_area", min_area), ("smooth", smooth)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        if not _whole(value) or value < 0:
             raise OptionError(f"{name} must be a whole number of pixels >= 0, got {value!r}.")
-    if max_instances is not None and (not isinstance(max_instances, (int, np.integer)) or max_instances < 1):
+    if max_instances is not None and (not _whole(max_instances) or max_instances < 1):
         raise OptionError(f"max_instances must be None or a whole number >= 1, got {max_instances!r}.")
 
 
-__all__ = ["DEFAULT_MODEL", "Segmenter", "check_options", "default_model", "load_segmenter"]
+__all__ = ["DEFAULT_MODEL", "Segmenter", "check_exemplars", "check_options", "default_model", "load_segmenter"]

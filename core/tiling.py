@@ -254,20 +254,22 @@ def _segment_tile(
 
 
 def _exemplars_in_tile(exemplars, exemplar_labels, tile: Tile):
-    """Exemplar boxes clipped to the tile, in tile pixels; None when none falls inside."""
+    """Exemplar boxes clipped to the tile, in tile pixels, with their labels; None when none falls inside.
+
+    `exemplars` and `exemplar_labels` are the ``(N, 4)`` pixel boxes and ``(N,)`` labels that
+    `promptseg.segmenter.check_exemplars` returns: checked once for the whole image, not per tile.
+    """
     if exemplars is None or len(exemplars) == 0:
         return None, None
-    boxes = np.asarray(exemplars, dtype=np.float64).reshape(-1, 4)
-    labels = np.ones(len(boxes), dtype=int) if exemplar_labels is None else np.asarray(list(exemplar_labels))
-    if labels.shape != (len(boxes),):
-        raise OptionError("exemplar_labels needs one 1 (positive) or 0 (negative) per exemplar box.")
+    boxes = np.asarray(exemplars, dtype=np.float64)
+    labels = np.ones(len(boxes), dtype=np.int64) if exemplar_labels is None else np.asarray(exemplar_labels)
     clipped = boxes.copy()
     clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], tile.x0, tile.x1) - tile.x0
     clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], tile.y0, tile.y1) - tile.y0
     inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     if not inside.any():
         return None, None
-    return clipped[inside].tolist(), labels[inside].tolist()
+    return clipped[inside], labels[inside]
 
 
 def _earlier_neighbours(tiles: list[Tile]) -> dict[int, list[Tile]]:

@@ -4,6 +4,10 @@ The core calls, in order: `preprocess` (RGB uint8 -> model input), `encode_image
 part; its tensors are what the cache stores), `encode_text` (one entry per phrase, cached too),
 then `decode` on a batch of phrases. A backend never post-processes masks: it returns
 probabilities at its own mask resolution and the core does the rest.
+
+A backend may also offer ``embedding_spec(image_size)``: the name, shape and dtype of every
+tensor `encode_image` returns for an image of that size. The disk cache then refuses entries
+that do not match it (and recomputes them); without it only their values are checked (finite).
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ class SegmentationBackend(Protocol):
         `boxes` (``(B, 4)`` normalised xyxy) with `box_labels` (1 positive, 0 negative) are
         optional visual exemplars shared by every phrase.
         """
+
+
+def sam3_embedding_spec(
+    input_size: tuple[int, int], patch_size: int, channels: int, scales: tuple[float, ...], dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """SAM 3's cached embedding: one FPN level ``fpn_i`` per scale, ``(1, channels, rows * s, cols * s)``
+    for the ViT's ``rows x cols`` patch grid, in the model's dtype (the `embedding_spec` of both SAM 3 backends)."""
+    rows, cols = (side // patch_size for side in input_size)
+    return {f"fpn_{i}": ((1, channels, int(rows * s), int(cols * s)), dtype) for i, s in enumerate(scales)}
 
 
 def exemplar_inputs(boxes: torch.Tensor, labels: torch.Tensor | None, device, dtype):

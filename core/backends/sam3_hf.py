@@ -226,6 +226,16 @@ class Sam3Backend:
         levels = output.fpn_hidden_states[:-1]  # the last level is never consumed by forward
         return {f"fpn_{i}": level for i, level in enumerate(levels)}
 
+    def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What `encode_image` returns whatever the image size (every image is resized to `input_size`)."""
+        from promptseg.backends.base import sam3_embedding_spec
+
+        vision = self.model.config.vision_config
+        scales = tuple(vision.scale_factors[:-1])  # the last level is not kept (see encode_image)
+        return sam3_embedding_spec(
+            self.input_size, vision.backbone_config.patch_size, vision.fpn_hidden_size, scales, self.dtype
+        )
+
     def encode_text(self, phrases: list[str]) -> list[Tensors]:
         import torch
 
