@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sam3  # noqa: F401  (the meta extra; CI installs it)
+from tolerance import assert_detections_close
 
 from promptseg.errors import ModelLoadError  # noqa: E402
 
@@ -206,10 +207,8 @@ def test_batched_prompts_equal_one_prompt_at_a_time(make_meta, rgb_image):
     features, _ = seg.embed(rgb_image)
     texts = seg.text_embeddings(PROMPTS)
     together = seg.backend.decode(features, texts, threshold=0.0)
-    for text, batched in zip(texts, together):
-        [alone] = seg.backend.decode(features, [text], threshold=0.0)
-        torch.testing.assert_close(batched.scores, alone.scores, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(batched.mask_probs, alone.mask_probs, atol=1e-5, rtol=1e-4)
+    alone = [seg.backend.decode(features, [text], threshold=0.0)[0] for text in texts]
+    assert_detections_close(together, alone)  # the shared tolerance rule (tests/tolerance.py)
 
 
 def test_second_prompt_skips_image_encoder(make_meta, rgb_image):
@@ -232,8 +231,29 @@ def test_disk_cache_is_reused_and_kept_apart_from_the_transformers_backend(
     second = again.segment(rgb_image, "red square", threshold=0.0)
     assert second.embedding_source == "disk" and again.stats.image_encoder_runs == 0
     assert [i.score for i in second.instances] == pytest.approx([i.score for i in first.instances], abs=1e-6)
-    for a, b in zip(first.instances, second.instances):
+    for a, b in zip(first.instances, second.instances):  # exact: the same tensors, laid out alike, same code
         np.testing.assert_array_equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf"])
+def test_cache_entry_with_bad_values_is_recomputed(make_meta, rgb_image, tmp_path, caplog, damage):
+    """This backend's entries go through the same disk store and its checks (see tests/test_cache.py)."""
+    from test_cache import DAMAGE, rewrite_entry
+
+    cache_dir = tmp_path / "c"
+    first = make_meta(cache_dir=cache_dir)
+    fresh = first.segment(rgb_image, "red square", threshold=0.0)
+    computed, _ = first.embed(rgb_image)
+    (path,) = cache_dir.glob("*/*.safetensors")
+    change, words = DAMAGE[damage]
+    rewrite_entry(path, change)
+    again = make_meta(cache_dir=cache_dir)
+    result = again.segment(rgb_image, "red square", threshold=0.0)
+    assert result.embedding_source == "computed" and again.stats.image_encoder_runs == 1
+    assert "deleting it and recomputing" in caplog.text and words in caplog.text
+    assert len(fresh) > 0 and [i.score for i in result] == pytest.approx([i.score for i in fresh], abs=1e-5)
+    read, source = make_meta(cache_dir=cache_dir).embed(rgb_image)  # the file now holds a good entry
+    assert source == "disk" and all(torch.equal(read[name], computed[name]) for name in computed)
 
 
 def test_exemplar_boxes_positive_and_negative_steer_the_decoder(make_meta, rgb_image):
@@ -256,16 +276,17 @@ def test_exemplar_boxes_positive_and_negative_steer_the_decoder(make_meta, rgb_i
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_low_precision_matches_fp32_with_and_without_exemplars(make_meta, rgb_image, dtype):
     """Same tolerances as the transformers backend (tests/test_precision.py)."""
-    from test_precision import assert_parity, decode_all
+    from test_precision import decode_all
+    from tolerance import assert_low_precision_close
 
     reference, lower = make_meta(cache_dir=False), make_meta(cache_dir=False, dtype=dtype)
     assert lower.describe()["dtype"] == dtype
     features, _ = lower.embed(rgb_image)
     assert all(t.dtype == lower.dtype for t in features.values())  # the cache holds the low precision
-    assert_parity(decode_all(reference, rgb_image, PROMPTS), decode_all(lower, rgb_image, PROMPTS), dtype)
+    assert_low_precision_close(decode_all(reference, rgb_image, PROMPTS), decode_all(lower, rgb_image, PROMPTS), dtype)
     boxes, labels = torch.tensor([[0.2, 0.25, 0.55, 0.66], [0.65, 0.5, 0.9, 0.83]]), torch.tensor([1, 0])
-    assert_parity(decode_all(reference, rgb_image, PROMPTS, boxes=boxes, box_labels=labels),
-                  decode_all(lower, rgb_image, PROMPTS, boxes=boxes, box_labels=labels), dtype)
+    assert_low_precision_close(decode_all(reference, rgb_image, PROMPTS, boxes=boxes, box_labels=labels),
+                               decode_all(lower, rgb_image, PROMPTS, boxes=boxes, box_labels=labels), dtype)
 
 
 # -- an adapter on this backend --------------------------------------------------------------------

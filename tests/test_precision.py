@@ -1,40 +1,24 @@
 """Precision parity of the transformers backend: fp16 and bf16 against fp32 on the CPU.
 
 Same tiny weights, same image and prompts; every query is kept (threshold 0) so the outputs
-line up one to one. Tolerances (absolute, on [0, 1] quantities): scores 2e-3 in fp16 and 1e-2
-in bf16 (8 mantissa bits), mask probabilities 1e-2 / 3e-2, normalised boxes 5e-3 / 2e-2, and at
-least 99% of mask pixels on the same side of 0.5 (pixels near 0.5 may flip). The Meta backend's
-parity test (tests/test_backend_meta.py) uses the same tolerances.
+line up one to one. Tolerances (absolute, on [0, 1] quantities) are `tolerance.LOW_PRECISION`:
+scores 2e-3 in fp16 and 1e-2 in bf16 (8 mantissa bits), mask probabilities 1e-2 / 3e-2,
+normalised boxes 5e-3 / 2e-2, and at least 99% of mask pixels on the same side of 0.5 (pixels
+near 0.5 may flip). The Meta backend's parity test (tests/test_backend_meta.py) uses the same.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_low_precision_close
 
-TOLERANCES = {  # dtype: (score, mask probability, box, binary mask agreement)
-    "fp16": (2e-3, 1e-2, 5e-3, 0.99),
-    "bf16": (1e-2, 3e-2, 2e-2, 0.99),
-}
 PROMPTS = ["red square", "green thing"]
 
 
 def decode_all(segmenter, image, prompts, **exemplars):
     features, _ = segmenter.embed(image)
     return segmenter.backend.decode(features, segmenter.text_embeddings(prompts), 0.0, **exemplars)
-
-
-def assert_parity(reference, lower, dtype_name):
-    score_tol, mask_tol, box_tol, agreement = TOLERANCES[dtype_name]
-    assert len(reference) == len(lower)
-    for ref, low in zip(reference, lower):
-        assert ref.scores.shape == low.scores.shape and len(ref.scores) > 0
-        assert torch.isfinite(low.scores).all() and torch.isfinite(low.mask_probs).all()
-        torch.testing.assert_close(low.scores, ref.scores, atol=score_tol, rtol=0)
-        torch.testing.assert_close(low.mask_probs, ref.mask_probs, atol=mask_tol, rtol=0)
-        torch.testing.assert_close(low.boxes, ref.boxes, atol=box_tol, rtol=0)
-        same = ((ref.mask_probs > 0.5) == (low.mask_probs > 0.5)).float().mean().item()
-        assert same >= agreement, f"{dtype_name}: only {same:.4f} of mask pixels agree with fp32"
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -44,7 +28,7 @@ def test_transformers_backend_low_precision_matches_fp32(make_segmenter, rgb_ima
     assert lower.describe()["dtype"] == dtype
     features, _ = lower.embed(rgb_image)
     assert all(t.dtype == lower.dtype for t in features.values())  # the cache holds the low precision
-    assert_parity(decode_all(reference, rgb_image, PROMPTS), decode_all(lower, rgb_image, PROMPTS), dtype)
+    assert_low_precision_close(decode_all(reference, rgb_image, PROMPTS), decode_all(lower, rgb_image, PROMPTS), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -54,4 +38,4 @@ def test_transformers_backend_exemplars_in_low_precision_match_fp32(make_segment
     reference = decode_all(make_segmenter(cache_dir=False), rgb_image, PROMPTS, boxes=boxes, box_labels=labels)
     lower = decode_all(make_segmenter(cache_dir=False, dtype=dtype), rgb_image, PROMPTS, boxes=boxes,
                        box_labels=labels)
-    assert_parity(reference, lower, dtype)
+    assert_low_precision_close(reference, lower, dtype)
