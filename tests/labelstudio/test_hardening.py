@@ -277,6 +277,7 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_health_and_setup_answer_at_once_while_downloads_and_inference_run(tiny_sam3_dir, tmp_path, standin):
     """`promptseg labelstudio serve --threads 6`: 4 prediction slots, 2 threads kept for /health and /setup.
