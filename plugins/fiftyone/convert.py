@@ -203,7 +203,10 @@ def prompts_from_value(value: Any, field: str = "prompt field") -> list[str]:
 
 
 def exemplars_from_value(value: Any, image_size: tuple[int, int], field: str = "exemplar field") -> list[list[float]]:
-    """Pixel xyxy exemplar boxes from a `fo.Detections` (or `fo.Detection`) field value."""
+    """Pixel xyxy exemplar boxes from a `fo.Detections` (or `fo.Detection`) field value.
+
+    Boxes without area are dropped; a box with a NaN or infinite coordinate is an `OptionError`.
+    """
     import fiftyone as fo
 
     if value is None:
@@ -215,6 +218,12 @@ def exemplars_from_value(value: Any, image_size: tuple[int, int], field: str = "
             f"Exemplar boxes come from a Detections field, but {field!r} holds {type(value).__name__}."
         )
     boxes = [d.bounding_box for d in value.detections if d.bounding_box is not None]
+    for box in boxes:
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            raise OptionError(
+                f"Exemplar box {list(box)} in {field!r} is not four finite numbers [x, y, w, h]: fix or "
+                "remove that detection."
+            )
     return [pixel_box(b, image_size) for b in boxes if b[2] > 0 and b[3] > 0]
 
 

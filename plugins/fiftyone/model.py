@@ -42,6 +42,9 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
     Classification(s)/Detections field; `exemplar_field` (Detections) supplies example boxes.
     `options` go to `Segmenter.segment` (threshold, mask_threshold, min_area, ...). Masks of
     images with at least `mask_path_min_pixels` pixels are written under `mask_dir` as PNG files.
+
+    An image over the segmenter's pixel budget (``max_pixels``, `PROMPTSEG_MAX_PIXELS`), or that
+    FiftyOne cannot read, fails only its sample: ``apply_model`` logs it and goes on.
     """
 
     def __init__(
@@ -60,13 +63,14 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         **options: Any,
     ) -> None:
         from promptseg.results import ensure_prompt_list
-        from promptseg_fiftyone.segmenters import get_segmenter
+        from promptseg_fiftyone.segmenters import check_segment_options, get_segmenter
 
         fom.SamplesMixin.__init__(self)
         self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
         self.output = check_output(output)
         self.class_ids = add_class_ids({}, self.prompts)
         self.segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+        check_segment_options(self.segmenter, options)  # a typo fails here, not once per sample
         self.options = options
         self.mask_dir = mask_dir
         self.mask_path_min_pixels = mask_path_min_pixels
@@ -112,9 +116,13 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
     def predict(self, arg, sample=None):
         """Segment one image (HxWxC array, path or PIL image) with the fixed and per-sample prompts."""
         from promptseg.errors import PromptError
-        from promptseg.images import load_image
+        from promptseg.images import check_pixel_budget, load_image
 
-        rgb = load_image(arg)
+        max_pixels = getattr(self.segmenter, "max_pixels", None)
+        if sample is not None and hasattr(arg, "shape"):
+            # apply_model decoded the sample's file itself: hold it to the budget a file read would have.
+            check_pixel_budget(arg.shape[0], arg.shape[1], max_pixels, sample.filepath)
+        rgb = load_image(arg, max_pixels=max_pixels)
         fields = self.needs_fields
         phrases = list(self.prompts)
         if sample is not None and fields.get("prompt_field"):

@@ -3,8 +3,10 @@
 This is the loop behind the operator and the Python entry: it picks the samples still to do
 (resume), reads prompts and exemplars from sample fields, calls the core once per image, and
 writes results in batches (`fo.Detections` by default, or one `fo.Segmentation` or `fo.Polylines`
-per sample). A sample counts as done once its label field holds a label (possibly empty), so a rerun after an interruption continues where the last batch ended; samples
-whose image could not be read are left empty, reported, and retried by the next run.
+per sample). A sample counts as done once its label field holds a label (possibly empty), so a
+rerun after an interruption continues where the last batch ended. A sample whose own image,
+prompts or exemplar boxes cannot be used (missing, corrupt or over-budget image, a prompt that is
+not text, a box with NaN) is left empty, reported, and retried by the next run; the others are written.
 """
 
 from __future__ import annotations
@@ -93,9 +95,36 @@ def check_label_field(samples, label_field: Any, output: str = "detections") -> 
     )
 
 
-def check_source_field(samples, name: str | None, what: str) -> None:
-    if name is not None and name not in samples._dataset.get_field_schema():
+PROMPT_LABELS = ("Classification", "Classifications", "Detection", "Detections")
+EXEMPLAR_LABELS = ("Detection", "Detections")
+
+
+def check_source_field(samples, name: str | None, what: str, labels: Sequence[str] = PROMPT_LABELS) -> None:
+    """Raise `OptionError` unless `name` is a field of the dataset that can hold `what`.
+
+    A prompt field (`labels` = PROMPT_LABELS) may also be a string or list field; an exemplar
+    field (EXEMPLAR_LABELS) only holds labels.
+    """
+    import fiftyone as fo
+
+    if name is None:
+        return
+    schema = samples._dataset.get_field_schema()
+    if name not in schema:
         raise OptionError(f"The {what} {name!r} is not a field of dataset {samples._dataset.name!r}.")
+    field = schema[name]
+    kind = getattr(field, "document_type", None) or type(field)
+    if kind.__name__ in labels:
+        return
+    texts = labels is PROMPT_LABELS and (
+        isinstance(field, fo.StringField)
+        or (isinstance(field, fo.ListField) and (field.field is None or isinstance(field.field, fo.StringField)))
+    )
+    if not texts:
+        usable = "a string, a list of strings or " if labels is PROMPT_LABELS else ""
+        raise OptionError(
+            f"The {what} {name!r} holds {kind.__name__}: choose {usable}a {'/'.join(labels)} field."
+        )
 
 
 def segment_samples(
@@ -135,9 +164,9 @@ def segment_samples(
     import fiftyone as fo
     from fiftyone.core.collections import SaveContext
 
-    from promptseg.images import load_image
+    from promptseg.images import load_image, resolve_max_pixels
     from promptseg.results import ensure_prompt_list
-    from promptseg_fiftyone.segmenters import get_segmenter
+    from promptseg_fiftyone.segmenters import check_segment_options, get_segmenter
 
     started = time.perf_counter()
     fixed = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
@@ -148,9 +177,11 @@ def segment_samples(
     check_output(output)
     exists = check_label_field(samples, label_field, output)
     check_source_field(samples, prompt_field, "prompt field")
-    check_source_field(samples, exemplar_field, "exemplar field")
+    check_source_field(samples, exemplar_field, "exemplar field", EXEMPLAR_LABELS)
     dataset = samples._dataset
     segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+    check_segment_options(segmenter, options)
+    resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
 
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
     config = _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output)
@@ -198,22 +229,26 @@ def segment_samples(
 
 def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, options,
                     mask_dir, mask_path_min_pixels, summary, load_image, output="detections", class_ids=None):
-    """The (result, label) of one sample, or None when it is skipped (reported in `summary`)."""
+    """The (result, label) of one sample, or None when it is skipped (reported in `summary`).
+
+    What belongs to this sample alone (its image, its prompts, its exemplar boxes) fails only this
+    sample: it is reported and left without a label, so the run goes on and a rerun retries it.
+    """
     try:
-        rgb = load_image(sample.filepath)
-    except ImageError as exc:
+        phrases = list(fixed)
+        if prompt_field is not None:
+            phrases += prompts_from_value(sample[prompt_field], prompt_field)
+        if not phrases:
+            summary.no_prompts += 1
+            return None
+        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None))
+        exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
+    except (ImageError, PromptError, OptionError) as exc:
         summary.failed_count += 1
         if len(summary.failed) < MAX_REPORTED_FAILURES:
             summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
         logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
         return None
-    phrases = list(fixed)
-    if prompt_field is not None:
-        phrases += prompts_from_value(sample[prompt_field], prompt_field)
-    if not phrases:
-        summary.no_prompts += 1
-        return None
-    exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
     result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
     height, width = result.image_size
     large = mask_path_min_pixels is not None and height * width >= mask_path_min_pixels

@@ -57,3 +57,30 @@ def clear_segmenters() -> None:
     """Forget every loaded segmenter (frees their memory once no run holds them)."""
     with _LOCK:
         _LOADED.clear()
+
+
+# Arguments every run sets itself, per sample; never taken from the user's options.
+_SET_PER_SAMPLE = ("image", "prompts", "exemplars")
+
+
+def check_segment_options(segmenter, options: dict[str, Any]) -> None:
+    """Raise `OptionError` for an option `segmenter.segment` does not take, so a typo fails before any work."""
+    import inspect
+
+    from promptseg.errors import OptionError
+
+    parameters = inspect.signature(segmenter.segment).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # a wrapper that forwards everything: the segmenter it wraps checks them
+    per_sample = [name for name in options if name in _SET_PER_SAMPLE]
+    if per_sample:
+        raise OptionError(
+            f"{per_sample[0]!r} cannot be an option: each sample's image is its filepath, its prompts come "
+            "from prompts and prompt_field, its exemplar boxes from exemplar_field."
+        )
+    accepted = [name for name in parameters if name not in _SET_PER_SAMPLE]
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise OptionError(
+            f"Unknown option {', '.join(map(repr, unknown))}: Segmenter.segment takes {', '.join(accepted)}."
+        )

@@ -49,6 +49,30 @@ def corrupt_path(tmp_path_factory) -> str:
     return str(path)
 
 
+def write_bomb_png(path, width: int = 30000, height: int = 30000) -> None:
+    """A small PNG whose header declares `width` x `height` pixels: a decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"  # the first chunk: length, type, 13 bytes of data, CRC
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="session")
+def bomb_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("fo-bomb") / "bomb.png"
+    write_bomb_png(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def fo():
     import fiftyone

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fo_helpers import assert_matches_core
 
-from promptseg.errors import PromptError
+from promptseg.errors import OptionError, PromptError
 from promptseg_fiftyone.model import PromptsegModel
 
 
@@ -49,3 +49,34 @@ def test_corrupt_image_is_skipped_by_apply_model(make_dataset, fo_segmenter, ima
 def test_model_without_any_prompt_source_says_so(fo_segmenter, image_paths):
     with pytest.raises(PromptError, match="no prompts"):
         PromptsegModel(segmenter=fo_segmenter).predict(image_paths[0])
+
+
+def test_apply_model_reports_a_decompression_bomb_and_writes_the_others(make_dataset, fo_segmenter, image_paths,
+                                                                        bomb_path, caplog):
+    dataset = make_dataset([image_paths[0], bomb_path, image_paths[1]])
+    model = PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=0.0)
+    with caplog.at_level("WARNING"):
+        dataset.apply_model(model, "sam")
+    bomb_id = dataset.values("id")[1]
+    assert any(bomb_id in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert dataset.values("sam")[1] is None
+    for sample in dataset.select(dataset.values("id")[::2]):
+        assert_matches_core(sample["sam"], fo_segmenter.segment(sample.filepath, ["red square"], threshold=0.0))
+
+    dataset.exists("sam", False).apply_model(model, "sam")  # the resume recipe: goes past it again
+    assert [v is not None for v in dataset.values("sam")] == [True, False, True]
+
+
+def test_apply_model_keeps_the_segmenters_pixel_budget(make_dataset, make_segmenter, image_paths):
+    from PIL import Image
+
+    big, small = image_paths[0], image_paths[5]
+    assert Image.open(big).width * Image.open(big).height > 100 * 100 > Image.open(small).width * Image.open(small).height
+    dataset = make_dataset([big, small])
+    dataset.apply_model(PromptsegModel(["red square"], segmenter=make_segmenter(max_pixels=100 * 100)), "sam")
+    assert [v is not None for v in dataset.values("sam")] == [False, True]
+
+
+def test_an_unknown_option_fails_when_the_model_is_made(fo_segmenter):
+    with pytest.raises(OptionError, match="Unknown option 'thresold'"):
+        PromptsegModel(["red square"], segmenter=fo_segmenter, thresold=0.3)

@@ -125,3 +125,26 @@ def test_output_choice_writes_segmentation_and_refuses_a_field_of_another_type(f
     with pytest.raises(ExecutionError) as excinfo:
         foo.execute_operator(URI, ctx={"dataset": dataset, "params": {**params, "output": "polylines"}})
     assert "'sam' already holds Segmentation, not Polylines" in str(excinfo.value)
+
+
+def test_unusable_images_are_listed_in_the_result_and_the_rest_is_written(fo, make_dataset, params, image_paths,
+                                                                          bomb_path, corrupt_path):
+    import fiftyone.operators as foo
+
+    dataset = make_dataset([image_paths[0], bomb_path, corrupt_path, image_paths[1]])
+    run = foo.execute_operator(URI, ctx={"dataset": dataset, "params": params})
+    assert (run.result["processed"], run.result["failed_count"]) == (2, 2)
+    assert [failure["filepath"] for failure in run.result["failed"]] == [bomb_path, corrupt_path]
+    assert [v is not None for v in dataset.values("sam")] == [True, False, False, True]
+
+
+def test_an_empty_dataset_runs_with_nothing_to_do(fo, params):
+    import fiftyone.operators as foo
+
+    dataset = fo.Dataset()
+    try:
+        run = foo.execute_operator(URI, ctx={"dataset": dataset, "params": params})
+        assert run.error is None
+        assert (run.result["total"], run.result["processed"], run.result["failed_count"]) == (0, 0, 0)
+    finally:
+        dataset.delete()

@@ -41,6 +41,82 @@ def test_corrupt_image_is_reported_and_the_others_are_written(make_dataset, fo_s
     assert all(dataset.values("sam")[i] is not None for i in (0, 2))
 
 
+def test_a_decompression_bomb_is_reported_and_reruns_go_on_past_it(make_dataset, fo_segmenter, image_paths, bomb_path):
+    dataset = make_dataset([image_paths[0], bomb_path, image_paths[1], image_paths[2]])
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0, batch_size=2)
+    assert (summary.processed, summary.failed_count) == (3, 1)
+    (failure,) = summary.failed
+    assert failure["filepath"] == bomb_path and "PROMPTSEG_MAX_PIXELS" in failure["error"]
+    written = [None if d is None else detections_payload(d) for d in dataset.values("sam")]
+    assert written[1] is None and None not in written[:1] + written[2:]
+
+    rerun = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0, batch_size=2)
+    assert (rerun.skipped, rerun.processed, rerun.failed_count) == (3, 0, 1)
+    assert [None if d is None else detections_payload(d) for d in dataset.values("sam")] == written
+    assert dataset.load_run_results(run_key_for("sam")).failed[0]["filepath"] == bomb_path
+
+
+def test_the_segmenters_pixel_budget_holds_for_the_run(make_dataset, make_segmenter, image_paths):
+    from PIL import Image
+
+    segmenter = make_segmenter(max_pixels=100 * 100)
+    big, small = image_paths[0], image_paths[5]
+    assert Image.open(big).width * Image.open(big).height > 100 * 100 > Image.open(small).width * Image.open(small).height
+    dataset = make_dataset([big, small])
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=segmenter, threshold=0.0)
+    assert (summary.processed, summary.failed_count) == (1, 1)
+    assert summary.failed[0]["filepath"] == big and "max_pixels" in summary.failed[0]["error"]
+    assert dataset.values("sam")[0] is None and dataset.values("sam")[1] is not None
+
+
+def test_missing_and_empty_image_files_are_reported_and_the_others_are_written(make_dataset, fo_segmenter,
+                                                                              image_paths, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = str(tmp_path / "gone.png")
+    dataset = make_dataset([image_paths[0], missing, str(empty), image_paths[1]])
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0)
+    assert (summary.processed, summary.failed_count) == (2, 2)
+    errors = {failure["filepath"]: failure["error"] for failure in summary.failed}
+    assert "No such image file" in errors[missing] and "empty (0 bytes)" in errors[str(empty)]
+    assert [v is not None for v in dataset.values("sam")] == [True, False, False, True]
+
+
+def test_a_sample_whose_own_prompts_or_boxes_are_unusable_is_reported_and_the_others_are_written(
+    fo, make_dataset, fo_segmenter, image_paths
+):
+    dataset = make_dataset(image_paths[:3])
+    dataset.add_sample_field("words", fo.ListField)  # untyped: a sample may hold a number among its words
+    nan_box = fo.Detection(label="red square", bounding_box=[float("nan"), 0.2, 0.3, 0.3])
+    good_box = fo.Detection(label="red square", bounding_box=[1 / 6, 0.2, 1 / 3, 0.3])
+    for sample, words, boxes in zip(dataset, [["red square"], ["red square", 7], ["green square"]],
+                                    [[good_box], [good_box], [nan_box]]):
+        sample["words"], sample["examples"] = words, fo.Detections(detections=boxes)
+        sample.save()
+
+    by_words = segment_samples(dataset, None, "by_words", segmenter=fo_segmenter, threshold=0.0, prompt_field="words")
+    assert (by_words.processed, by_words.failed_count) == (2, 1)
+    assert "Cannot read prompts from 'words' of type int" in by_words.failed[0]["error"]
+    assert [v is not None for v in dataset.values("by_words")] == [True, False, True]
+
+    by_boxes = segment_samples(dataset, ["red square"], "by_boxes", segmenter=fo_segmenter, threshold=0.0,
+                               exemplar_field="examples")
+    assert (by_boxes.processed, by_boxes.failed_count) == (2, 1)
+    assert "not four finite numbers" in by_boxes.failed[0]["error"]
+    assert [v is not None for v in dataset.values("by_boxes")] == [True, True, False]
+
+
+def test_an_empty_dataset_is_a_run_with_nothing_to_do(fo, fo_segmenter):
+    dataset = fo.Dataset()
+    calls = []
+    try:
+        summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, progress=lambda *a: calls.append(a))
+        assert (summary.total, summary.processed, summary.skipped, summary.failed_count) == (0, 0, 0, 0)
+        assert calls == [(0, 0)] and dataset.has_field("sam")
+    finally:
+        dataset.delete()
+
+
 def test_existing_labels_are_skipped_unless_overwrite(dataset, fo_segmenter, image_paths):
     segment_samples(dataset, ["red square"], "sam", segmenter=fo_segmenter, threshold=0.0)
     before = [detections_payload(d) for d in dataset.values("sam")]
@@ -133,7 +209,7 @@ def test_exemplar_boxes_reach_the_core_in_pixels(fo, make_dataset, fo_segmenter,
     assert_matches_core(second["sam"], fo_segmenter.segment(second.filepath, ["red square"], threshold=0.0))
 
 
-def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_segmenter):
+def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_segmenter, monkeypatch):
     dataset.add_sample_field("note", fo.StringField)
     with pytest.raises(PromptError, match="No prompt"):
         segment_samples(dataset, [], "sam", segmenter=fo_segmenter)
@@ -145,5 +221,21 @@ def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_s
         segment_samples(dataset, ["car"], "note", segmenter=fo_segmenter)
     with pytest.raises(OptionError, match="prompt field 'nope' is not a field"):
         segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, prompt_field="nope")
+    dataset.add_sample_field("weight", fo.FloatField)
+    with pytest.raises(OptionError, match="prompt field 'weight' holds FloatField: choose a string"):
+        segment_samples(dataset, None, "sam", segmenter=fo_segmenter, prompt_field="weight")
+    dataset.add_sample_field("classes", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classifications)
+    with pytest.raises(OptionError, match="exemplar field 'classes' holds Classifications: choose a Detection"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, exemplar_field="classes")
+    with pytest.raises(OptionError, match="Unknown option 'thresold': Segmenter.segment takes threshold"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, thresold=0.3)
+    with pytest.raises(OptionError, match="'exemplars' cannot be an option"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, exemplars=[[0, 0, 5, 5]])
+    with pytest.raises(OptionError, match="batch_size must be at least 1"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, batch_size=0)
+    with monkeypatch.context() as env, pytest.raises(OptionError, match="PROMPTSEG_MAX_PIXELS='lots'"):
+        env.setenv("PROMPTSEG_MAX_PIXELS", "lots")
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter)
+    assert not dataset.has_field("sam")  # none of these started a run
     with pytest.raises(OptionError, match="threshold"):
         segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, threshold=2)
