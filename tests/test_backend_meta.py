@@ -235,7 +235,15 @@ def test_disk_cache_is_reused_and_kept_apart_from_the_transformers_backend(
         np.testing.assert_array_equal(a.mask, b.mask)
 
 
-@pytest.mark.parametrize("damage", ["nan", "inf"])
+def test_embedding_spec_is_what_its_encoder_returns(make_meta, rgb_image):
+    for seg in (make_meta(cache_dir=False), make_meta(cache_dir=False, dtype="bf16")):
+        for image in (rgb_image, rgb_image[:5, :40]):
+            features = seg.backend.encode_image(seg.backend.preprocess(image))
+            made = {name: (tuple(t.shape), t.dtype) for name, t in features.items()}
+            assert made == seg.backend.embedding_spec(image.shape[:2])
+
+
+@pytest.mark.parametrize("damage", ["shape", "dtype", "nan", "inf"])
 def test_cache_entry_with_bad_values_is_recomputed(make_meta, rgb_image, tmp_path, caplog, damage):
     """This backend's entries go through the same disk store and its checks (see tests/test_cache.py)."""
     from test_cache import DAMAGE, rewrite_entry

@@ -12,10 +12,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from promptseg.backends.base import Detections, Tensors, split_detections
+from promptseg.backends.base import Detections, Tensors, sam3_embedding_spec, split_detections
 from promptseg.backends.meta_device import DeviceRedirect
 
 NAME = "sam3-meta"
+FPN_SCALES = (4.0, 2.0, 1.0)  # the neck's levels the detector consumes (its 0.5 level is scalped off)
 
 
 class Sam3MetaBackend:
@@ -23,7 +24,10 @@ class Sam3MetaBackend:
 
     name = NAME
 
-    def __init__(self, model, image_size: int, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model, image_size: int, model_id: str, device: torch.device, dtype: torch.dtype,
+        patch_size: int = 14, d_model: int = 256,
+    ) -> None:
         # fp32 weights, lower precisions through autocast: the recipe the package is written for
         # (it feeds fp32 tensors into layers in places, and turns autocast off around some)
         self.model = model.to(device).eval()
@@ -31,6 +35,8 @@ class Sam3MetaBackend:
         self.device = device
         self.dtype = dtype
         self.input_size = (int(image_size), int(image_size))
+        self.patch_size = int(patch_size)
+        self.d_model = int(d_model)
         self._positions: dict[tuple, torch.Tensor] = {}
 
     @contextmanager
@@ -55,6 +61,13 @@ class Sam3MetaBackend:
         with self._redirect():
             out = self.model.backbone.forward_image(pixel_values.to(self.device))
         return {f"fpn_{i}": level for i, level in enumerate(out["backbone_fpn"])}
+
+    def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What `encode_image` returns whatever the image size (every image is resized to `input_size`).
+
+        Under autocast the levels come out in the autocast precision, so they are `dtype` too.
+        """
+        return sam3_embedding_spec(self.input_size, self.patch_size, self.d_model, FPN_SCALES, self.dtype)
 
     @torch.inference_mode()
     def encode_text(self, phrases: list[str]) -> list[Tensors]:

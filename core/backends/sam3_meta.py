@@ -80,7 +80,10 @@ def load(
 
     path, model_id = resolve_checkpoint(model, revision=revision, token=token)
     network, arch = load_image_model(path, open_clip_vocab_path())
-    return Sam3MetaBackend(network, arch.image_size, model_id, torch.device(device), dtype or torch.float32)
+    return Sam3MetaBackend(
+        network, arch.image_size, model_id, torch.device(device), dtype or torch.float32,
+        patch_size=arch.patch_size, d_model=arch.d_model,
+    )
 
 
 def resolve_checkpoint(model: str, revision: str | None = None, token: str | None = None) -> tuple[Path, str]:
