@@ -9,30 +9,55 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
-from promptseg.errors import PromptsegError
+from promptseg.errors import OptionError, PromptsegError
 
 logger = logging.getLogger("promptseg")
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
+EXIT_CODES = (
+    "Exit codes: 0 all done; 1 some images were skipped (each reported, the others written); "
+    "2 usage or setup error (bad option, prompt, model or --out: one line says what and how to fix it); "
+    "3 unexpected error (a bug: the traceback is printed)."
+)
+
+COCO_FILE = "results.coco.json"
+OUTPUT_SUFFIXES = {
+    "png": (".labels.png", ".overlay.png"), "json": (".json",), "coco": (), "stack": (".labels.tif",),
+}
+OUTPUT_NAMES = (
+    "Output names: each image's results go under --out at the image's folder relative to the folder "
+    "all inputs share, named after the file without its extension (a/same.png and b/same.png give "
+    "OUT/a/same.labels.png and OUT/b/same.labels.png). Inputs that would share a name (x.png and "
+    "x.jpg) keep their extension: OUT/x.png.labels.png, OUT/x.jpg.labels.png. A file given twice is "
+    "segmented once; a run whose results would replace one of its inputs stops before it starts."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptseg",
         description="Type what you want segmented, get every instance of it as a mask (SAM 3).",
+        epilog=EXIT_CODES,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     seg = sub.add_parser("segment", help="segment images with text prompts",
-                         description="Segment every instance of each prompt in each image.")
+                         description="Segment every instance of each prompt in each image.",
+                         epilog=f"{OUTPUT_NAMES} {EXIT_CODES}")
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, tif, ...)")
     seg.add_argument("-p", "--prompt", dest="prompts", action="append", required=True,
                      metavar="PROMPT", help="a noun phrase, e.g. 'red car'; repeat for several")
-    seg.add_argument("--out", type=Path, default=Path("promptseg-out"), help="output directory (default: %(default)s)")
+    seg.add_argument("--out", type=Path, default=Path("promptseg-out"),
+                     help="output folder; see 'Output names' below (default: %(default)s)")
     seg.add_argument("--format", choices=["png", "coco", "json"], default="png",
                      help="png: instance-label PNG + overlay PNG per image; coco: one COCO results "
                      "file; json: one JSON per image (default: %(default)s)")
@@ -164,64 +189,175 @@ def clip_options(args: argparse.Namespace) -> dict:
     return {key: value for key, value in options.items() if value is not defaults[key] and value != defaults[key]}
 
 
+def distinct_files(images: list[str]) -> tuple[list[str], list[str]]:
+    """The inputs with repeats of the same file removed (first spelling kept), and the repeats."""
+    seen, distinct, repeated = set(), [], []
+    for image in images:
+        key = Path(image).resolve()
+        (repeated if key in seen else distinct).append(image)
+        seen.add(key)
+    return distinct, repeated
+
+
+def image_stem(name: str) -> str:
+    """The file name without its extension; ``.ome.tif`` / ``.ome.tiff`` count as one."""
+    for suffix in (".ome.tif", ".ome.tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def output_stems(images: list[str], out: Path) -> dict[str, Path]:
+    """Each distinct input's output path without suffix, following `OUTPUT_NAMES`; never two alike."""
+    absolute = [Path(os.path.abspath(image)) for image in images]
+    common = Path(os.path.commonpath([path.parent for path in absolute]))
+    relative = [path.relative_to(common) for path in absolute]
+    names = [path.parent / image_stem(path.name) for path in relative]
+    while True:  # relative paths are unique, so each round ends at least one clash for good
+        counts = Counter(names)
+        clashing = [i for i, name in enumerate(names) if counts[name] > 1 and name != relative[i]]
+        if not clashing:
+            break
+        for i in clashing:
+            names[i] = relative[i]
+    return {image: out / name for image, name in zip(images, names)}
+
+
+def check_no_input_overwritten(stems: dict[str, Path], out: Path, kind: str) -> None:
+    """Refuse a run whose results would replace one of its own input files."""
+    inputs = {Path(image).resolve(): image for image in stems}
+    outputs = [Path(f"{stem}{suffix}") for stem in stems.values() for suffix in OUTPUT_SUFFIXES[kind]]
+    outputs += [out / COCO_FILE] if kind == "coco" else []
+    for output in outputs:
+        if output.resolve() in inputs:
+            raise OptionError(
+                f"The results would replace the input {inputs[output.resolve()]} (it is named like a result "
+                f"file in --out {out}). Choose another --out folder, or rename that input."
+            )
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create --out and prove it is writable before the model loads, so a typo costs no waiting."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a folder. Pass a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OptionError(
+            f"Cannot write to --out {out}: {exc.strerror or exc}. Pass a folder you can write to "
+            "(it is created if missing)."
+        ) from exc
+
+
+@contextmanager
+def output_errors(what: str, out: Path):
+    """Turn a failed write (disk full, a folder where a file should go) into a setup error."""
+    try:
+        yield
+    except OSError as exc:
+        raise OptionError(
+            f"Cannot write the results of {what} under --out {out}: {exc}. Make room there (disk space, "
+            "permissions, nothing in the way) or pass another --out folder."
+        ) from exc
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from promptseg.errors import ImageError
-    from promptseg.images import load_image
-    from promptseg.render import overlay, save_png
+    from promptseg.results import ensure_prompt_list
+    from promptseg.segmenter import check_options
 
+    ensure_prompt_list(args.prompts)
+    check_options(args.threshold, args.mask_threshold, args.min_area, args.smooth, args.max_instances)
+    images, repeated = distinct_files(args.images)
+    stems = output_stems(images, args.out)
+    kind = "stack" if args.stack else args.format
+    check_no_input_overwritten(stems, args.out, kind)
+    prepare_out_dir(args.out)
+    for path in repeated:
+        print(f"{path} was given more than once: segmented once", file=sys.stderr)
     segmenter = load_from_args(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     options = segment_options(args)
-    coco_images, coco_annotations, categories, failed = [], [], {}, []
-    for prompt in args.prompts:
-        categories.setdefault(" ".join(prompt.split()), len(categories) + 1)
-    bar = tqdm(args.images, desc="Segmenting", unit="image", disable=None)
-    for index, path in enumerate(bar):
+    coco = CocoWriter(args.prompts)
+    failed = []
+    bar = tqdm(images, desc="Segmenting", unit="image", disable=None)
+    for path in bar:
         bar.set_postfix_str(Path(path).name)
         try:
-            if getattr(args, "stack", False):
-                write_stack(segmenter, path, args, options)
+            if kind == "stack":
+                write_stack(segmenter, path, stems[path], args, options)
                 continue
-            rgb = load_image(path, **pixel_options(args))
-            result = segmenter.segment(rgb, args.prompts, **options)
+            rgb, result = segment_file(segmenter, path, args, options)
         except ImageError as exc:
             failed.append(path)
             tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
             continue
-        stem = args.out / Path(path).stem
-        if args.format == "png":
-            save_png(result.to_label_image(dtype="uint16" if len(result) < 65536 else "int32"), f"{stem}.labels.png")
-            save_png(overlay(rgb, result), f"{stem}.overlay.png")
-        elif args.format == "json":
-            record = result.to_dict()
-            record["source"] = str(path)
-            Path(f"{stem}.json").write_text(json.dumps(record, indent=1))
+        if kind == "coco":
+            coco.add(path, result)
         else:
-            height, width = result.image_size
-            coco_images.append({"id": index + 1, "file_name": str(path), "height": height, "width": width})
-            for record in result.to_coco(image_id=index + 1, category_ids=categories):
-                record.pop("category_name")
-                record["id"] = len(coco_annotations) + 1
-                coco_annotations.append(record)
-        tqdm.write(f"{path}: {len(result)} instance(s) "
-                   f"[embedding {result.embedding_source}]", file=sys.stderr)
-    if args.format == "coco":
-        coco = {
-            "images": coco_images,
-            "annotations": coco_annotations,
-            "categories": [{"id": i, "name": n} for n, i in categories.items()],
-        }
-        (args.out / "results.coco.json").write_text(json.dumps(coco))
-    print(f"Wrote results for {len(args.images) - len(failed)} image(s) to {args.out}")
+            with output_errors(path, args.out):
+                write_result(path, rgb, result, stems[path], kind)
+        tqdm.write(f"{path}: {len(result)} instance(s) [embedding {result.embedding_source}]", file=sys.stderr)
+    if kind == "coco":
+        with output_errors("the COCO file", args.out):
+            (args.out / COCO_FILE).write_text(json.dumps(coco.document()))
+    print(f"Wrote results for {len(images) - len(failed)} image(s) to {args.out}")
     if failed:
-        print(f"{len(failed)} image(s) could not be read: {', '.join(map(str, failed))}", file=sys.stderr)
+        print(f"{len(failed)} image(s) skipped: {', '.join(map(str, failed))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
 
 
-def write_stack(segmenter, path, args: argparse.Namespace, options: dict) -> None:
+def segment_file(segmenter, path: str, args: argparse.Namespace, options: dict):
+    """The image's RGB pixels (for the overlay) and its result."""
+    from promptseg.images import load_image
+
+    rgb = load_image(path, **pixel_options(args))
+    return rgb, segmenter.segment(rgb, args.prompts, **options)
+
+
+def write_result(path: str, rgb, result, stem: Path, kind: str) -> None:
+    """Write one image's files: ``STEM.labels.png`` + ``STEM.overlay.png``, or ``STEM.json``."""
+    from promptseg.render import overlay, save_png
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "png":
+        save_png(result.to_label_image(dtype="uint16" if len(result) < 65536 else "int32"), f"{stem}.labels.png")
+        save_png(overlay(rgb, result), f"{stem}.overlay.png")
+    else:
+        record = result.to_dict()
+        record["source"] = str(path)
+        Path(f"{stem}.json").write_text(json.dumps(record, indent=1))
+
+
+class CocoWriter:
+    """Collects every image's instances into one COCO results document (``results.coco.json``)."""
+
+    def __init__(self, prompts: list[str]) -> None:
+        self.categories: dict[str, int] = {}
+        for prompt in prompts:
+            self.categories.setdefault(" ".join(prompt.split()), len(self.categories) + 1)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+
+    def add(self, path: str, result) -> None:
+        image_id = len(self.images) + 1
+        height, width = result.image_size
+        self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width})
+        for record in result.to_coco(image_id=image_id, category_ids=self.categories):
+            record.pop("category_name")
+            record["id"] = len(self.annotations) + 1
+            self.annotations.append(record)
+
+    def document(self) -> dict:
+        categories = [{"id": i, "name": n} for n, i in self.categories.items()]
+        return {"images": self.images, "annotations": self.annotations, "categories": categories}
+
+
+def write_stack(segmenter, path: str, stem: Path, args: argparse.Namespace, options: dict) -> None:
     """Segment a multi-page TIFF slice by slice; write its label volume as ``STEM.labels.tif``."""
     import tifffile
     from tqdm import tqdm
@@ -237,8 +373,9 @@ def write_stack(segmenter, path, args: argparse.Namespace, options: dict) -> Non
                                      **pixel_options(args), **options)
     bar.close()
     volume = result.to_label_volume(dtype="uint16" if result.num_objects < 65536 else "int32")
-    stem = args.out / Path(path).name.split(".")[0]
-    tifffile.imwrite(f"{stem}.labels.tif", volume, metadata={"axes": "ZYX"}, compression="zlib")
+    with output_errors(path, args.out):
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(f"{stem}.labels.tif", volume, metadata={"axes": "ZYX"}, compression="zlib")
     sys.stderr.write(f"{path}: {len(result)} slice(s), {result.num_objects} object(s)\n")
 
 
@@ -257,6 +394,12 @@ def run_cache(args: argparse.Namespace) -> int:
     from promptseg.cache import DiskCache, default_cache_dir
 
     disk = DiskCache(args.cache_dir or default_cache_dir())
+    if disk.root.exists() and not disk.root.is_dir():
+        raise OptionError(f"The embedding cache {disk.root} is a file, not a folder. Point --cache-dir "
+                          "(or PROMPTSEG_CACHE_DIR) at the cache folder.")
+    if not disk.root.exists():
+        print(f"No embedding cache at {disk.root} yet: nothing to {'clear' if args.action == 'clear' else 'show'}")
+        return EXIT_OK
     if args.action == "info":
         files = disk.files()
         size = sum(p.stat().st_size for p in files)
@@ -289,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("promptseg: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: keep the traceback for the report, and an exit code of its own
+        traceback.print_exc()
+        print("promptseg: unexpected error (a bug): please report it with the traceback above",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from promptseg.hub import hub_offline
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -17,7 +18,8 @@ def _line(status: str, what: str, detail: str = "") -> None:
 
 
 def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = _line) -> bool:
-    """Print one line per check; return False when the install cannot segment at all."""
+    """Print one line per check; return False when the install cannot segment at all, or cannot
+    load `model` as given (a missing or incomplete local model, an impossible hub id)."""
     healthy = True
     import torch
 
@@ -60,35 +62,35 @@ def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = 
         out(OK, "embedding cache", f"{cache} is writable")
     except OSError as exc:
         out(WARN, "embedding cache", f"{cache} is not writable ({exc}); set PROMPTSEG_CACHE_DIR")
-    _check_model(model, out)
+    healthy &= _check_model(model, out)
     healthy &= _tiny_run(out)
     return healthy
 
 
-def _check_model(model: str | None, out) -> None:
+def _check_model(model: str | None, out) -> bool:
+    """Check the model `segment` would load; False when it cannot load as given (missing or
+    incomplete local files, an impossible hub id). A hub model that is not reachable yet only
+    warns: it downloads once the licence is accepted and the hub is reachable."""
     from promptseg.segmenter import default_model
 
     model = model or default_model()
     path = Path(model).expanduser()
-    if path.is_dir():
-        from promptseg.backends.sam3_hf import _check_local_dir
-        from promptseg.errors import ModelLoadError
-
-        try:
-            _check_local_dir(path)
-            out(OK, "model", f"{path} has a config and weights")
-        except ModelLoadError as exc:
-            out(WARN, "model", str(exc))
-        return
+    if path.exists() or model.startswith((".", "/", "~")):
+        return _check_local_model(path, out)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json")
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError as exc:  # not a valid repo id, and no such file or folder either
+        out(FAIL, "model", f"{model} is neither an existing file or folder nor a hub id ({exc}). "
+            "Pass a model folder, a sam3.pt file, or a hub id such as facebook/sam3")
+        return False
     if isinstance(cached, str):
         out(OK, "model", f"{model} is in the Hugging Face cache")
-        return
-    if os.environ.get("HF_HUB_OFFLINE"):
+        return True
+    if hub_offline():
         out(WARN, "model", f"{model} is not cached and HF_HUB_OFFLINE is set")
-        return
+        return True
     from huggingface_hub import HfApi
 
     try:
@@ -97,6 +99,34 @@ def _check_model(model: str | None, out) -> None:
     except Exception as exc:  # gated, unauthorised, offline: all mean "not usable yet"
         out(WARN, "model", f"{model} is not reachable ({exc.__class__.__name__}). SAM 3 weights are gated: "
             "accept the licence on its hub page and run `hf auth login`, or pass --model DIR")
+    return True
+
+
+def _check_local_model(path: Path, out) -> bool:
+    """A local model: a save_pretrained folder (config + weights) or Meta's sam3.pt (file or folder)."""
+    from promptseg.backends.sam3_hf import _check_local_dir
+    from promptseg.errors import ModelLoadError
+
+    if not path.exists():
+        out(FAIL, "model", f"no file or folder at {path}. Pass a folder written by Sam3Model.save_pretrained "
+            "(config.json + model.safetensors), a sam3.pt file, or a hub id such as facebook/sam3")
+        return False
+    meta_folder = (path / "sam3.pt").is_file() and not (path / "config.json").exists()
+    if path.is_file() or meta_folder:
+        checkpoint = path / "sam3.pt" if meta_folder else path
+        if checkpoint.suffix not in (".pt", ".pth"):
+            out(FAIL, "model", f"{checkpoint} is a file but not a .pt checkpoint. Pass a sam3.pt file, "
+                "a folder written by Sam3Model.save_pretrained, or a hub id such as facebook/sam3")
+            return False
+        out(OK, "model", f"{checkpoint} is a checkpoint for the sam3-meta backend")
+        return True
+    try:
+        _check_local_dir(path)
+    except ModelLoadError as exc:
+        out(FAIL, "model", str(exc))
+        return False
+    out(OK, "model", f"{path} has a config and weights")
+    return True
 
 
 def _tiny_run(out) -> bool:

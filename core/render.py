@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from promptseg.errors import OptionError
 from promptseg.results import SegmentationResult
 
 
@@ -52,7 +53,8 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype not in (np.uint8, np.uint16):
         if array.max(initial=0) > 65535:
-            raise ValueError("Too many instances for a 16-bit label PNG; use --format coco or json.")
+            raise OptionError(f"{path.name}: {int(array.max()):,} instances do not fit a 16-bit label PNG; "
+                              "use --format coco or json.")
         array = array.astype(np.uint16)
     Image.fromarray(array).save(path)
     return path

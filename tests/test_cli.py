@@ -84,6 +84,59 @@ def test_doctor_proves_the_install_without_weights(capsys):
     assert "[ ok ] end-to-end run" in out and "[FAIL]" not in out
 
 
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [("incomplete", "has a config.json but no model.safetensors"), ("not/a/hub/id", "is neither an existing file")],
+    ids=["incomplete-folder", "invalid-hub-id"],
+)
+def test_doctor_fails_a_model_that_cannot_load(model, reason, tmp_path, monkeypatch):
+    from promptseg.doctor import run_checks
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "incomplete").mkdir()
+    (tmp_path / "incomplete" / "config.json").write_text("{}")
+    lines = []
+    assert run_checks(model, out=lambda status, what, detail="": lines.append((status, what, detail))) is False
+    assert [(status, what) for status, what, _ in lines if status == "FAIL"] == [("FAIL", "model")]
+    assert reason in next(detail for _, what, detail in lines if what == "model")
+
+
 def test_help_is_fast_and_lists_commands():
     done = subprocess.run([sys.executable, "-m", "promptseg.cli", "--help"], capture_output=True, text=True, check=True)
     assert "segment" in done.stdout and "doctor" in done.stdout
+    assert "Exit codes: 0 all done; 1 some images were skipped" in " ".join(done.stdout.split())
+
+
+def test_segment_help_documents_output_names_and_exit_codes():
+    done = subprocess.run([sys.executable, "-m", "promptseg.cli", "segment", "--help"],
+                          capture_output=True, text=True, check=True)
+    text = " ".join(done.stdout.split())
+    assert "a/same.png and b/same.png give OUT/a/same.labels.png and OUT/b/same.labels.png" in text
+    assert "OUT/x.png.labels.png, OUT/x.jpg.labels.png" in text
+    assert "2 usage or setup error" in text
+
+
+def test_unexpected_error_prints_the_traceback_and_exits_3(tmp_path, monkeypatch, capsys):
+    import promptseg.cache
+
+    def broken_clear(self):
+        raise RuntimeError("a bug in clear")
+
+    monkeypatch.setattr(promptseg.cache.DiskCache, "clear", broken_clear)
+    (tmp_path / "cache").mkdir()
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug in clear" in err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line == "promptseg: unexpected error (a bug): please report it with the traceback above"
+
+
+def test_label_png_with_too_many_instances_asks_for_another_format(tmp_path):
+    from promptseg.errors import OptionError
+    from promptseg.render import save_png
+
+    labels = np.zeros((4, 4), dtype=np.int32)
+    labels[0, 0] = 70000
+    with pytest.raises(OptionError, match="use --format coco or json"):
+        save_png(labels, tmp_path / "x.labels.png")
+    assert not (tmp_path / "x.labels.png").exists()
