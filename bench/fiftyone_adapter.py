@@ -1,9 +1,11 @@
 """What the FiftyOne adapter costs on top of the core, and what a second prompt costs.
 
-    python -m bench.fiftyone_adapter                       # tiny random SAM 3, a temporary database
+    python -m bench.fiftyone_adapter                       # tiny random SAM 3, a database of its own
     python -m bench.fiftyone_adapter --pictures docs/images   # also render docs/images/fiftyone-*.png
 
-Baseline: the core alone (`Segmenter.segment` on each image path, fresh caches). Adapter: the
+The database is a mongod the benchmark starts itself on a free 127.0.0.1 port over a temporary
+directory (`promptseg_fiftyone.testing`): a FiftyOne database service you have running is never
+joined. Baseline: the core alone (`Segmenter.segment` on each image path, fresh caches). Adapter: the
 same images as a FiftyOne dataset through `segment_samples` (the operator's loop): FiftyOne reads,
 prompt handling, conversion to `fo.Detections` (masks included) and batched database writes.
 Then a second prompt over the same dataset, which should skip the image encoder. Each side has its

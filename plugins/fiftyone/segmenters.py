@@ -64,23 +64,29 @@ _SET_PER_SAMPLE = ("image", "prompts", "exemplars")
 
 
 def check_segment_options(segmenter, options: dict[str, Any]) -> None:
-    """Raise `OptionError` for an option `segmenter.segment` does not take, so a typo fails before any work."""
+    """Raise `OptionError` for an option `segmenter.segment` does not take or a value out of range.
+
+    Checked once before a run, so a typo or ``threshold=2`` fails before any sample is touched.
+    """
     import inspect
 
     from promptseg.errors import OptionError
+    from promptseg.segmenter import check_options
 
-    parameters = inspect.signature(segmenter.segment).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return  # a wrapper that forwards everything: the segmenter it wraps checks them
     per_sample = [name for name in options if name in _SET_PER_SAMPLE]
     if per_sample:
         raise OptionError(
             f"{per_sample[0]!r} cannot be an option: each sample's image is its filepath, its prompts come "
             "from prompts and prompt_field, its exemplar boxes from exemplar_field."
         )
-    accepted = [name for name in parameters if name not in _SET_PER_SAMPLE]
-    unknown = [name for name in options if name not in accepted]
-    if unknown:
-        raise OptionError(
-            f"Unknown option {', '.join(map(repr, unknown))}: Segmenter.segment takes {', '.join(accepted)}."
-        )
+    parameters = inspect.signature(segmenter.segment).parameters
+    # A wrapper that forwards everything (**kwargs) leaves the names to the segmenter it wraps.
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        accepted = [name for name in parameters if name not in _SET_PER_SAMPLE]
+        unknown = [name for name in options if name not in accepted]
+        if unknown:
+            raise OptionError(
+                f"Unknown option {', '.join(map(repr, unknown))}: Segmenter.segment takes {', '.join(accepted)}."
+            )
+    ranged = inspect.signature(check_options).parameters
+    check_options(**{name: value for name, value in options.items() if name in ranged})

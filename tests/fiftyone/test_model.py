@@ -77,6 +77,8 @@ def test_apply_model_keeps_the_segmenters_pixel_budget(make_dataset, make_segmen
     assert [v is not None for v in dataset.values("sam")] == [False, True]
 
 
-def test_an_unknown_option_fails_when_the_model_is_made(fo_segmenter):
+def test_bad_options_fail_when_the_model_is_made(fo_segmenter):
     with pytest.raises(OptionError, match="Unknown option 'thresold'"):
         PromptsegModel(["red square"], segmenter=fo_segmenter, thresold=0.3)
+    with pytest.raises(OptionError, match="threshold must be a number between 0 and 1, got 2"):
+        PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=2)

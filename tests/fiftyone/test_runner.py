@@ -236,6 +236,8 @@ def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_s
     with monkeypatch.context() as env, pytest.raises(OptionError, match="PROMPTSEG_MAX_PIXELS='lots'"):
         env.setenv("PROMPTSEG_MAX_PIXELS", "lots")
         segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter)
-    assert not dataset.has_field("sam")  # none of these started a run
-    with pytest.raises(OptionError, match="threshold"):
+    with pytest.raises(OptionError, match="threshold must be a number between 0 and 1, got 2"):
         segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, threshold=2)
+    with pytest.raises(OptionError, match="max_instances must be None or a whole number >= 1, got 0"):
+        segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, max_instances=0)
+    assert not dataset.has_field("sam")  # none of these started a run
