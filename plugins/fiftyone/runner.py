@@ -41,6 +41,7 @@ DEFAULT_BATCH_SIZE = 16
 MAX_REPORTED_FAILURES = 100
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _REPEAT_KEYS = ("prompts", "prompt_field", "exemplar_field", "options", "model")
+_READ_OPTIONS = ("percentiles", "channels")  # how a file becomes RGB: used where the runner reads it
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)`` after each sample."""
@@ -241,7 +242,8 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
         if not phrases:
             summary.no_prompts += 1
             return None
-        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None))
+        reading = {name: options[name] for name in _READ_OPTIONS if name in options}
+        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None), **reading)
         exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
     except (ImageError, PromptError, OptionError) as exc:
         summary.failed_count += 1
@@ -249,6 +251,7 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
             summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
         logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
         return None
+    options = {name: value for name, value in options.items() if name not in _READ_OPTIONS}
     result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
     height, width = result.image_size
     large = mask_path_min_pixels is not None and height * width >= mask_path_min_pixels

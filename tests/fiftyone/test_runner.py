@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from promptseg.errors import OptionError, PromptError
@@ -115,6 +116,22 @@ def test_an_empty_dataset_is_a_run_with_nothing_to_do(fo, fo_segmenter):
         assert calls == [(0, 0)] and dataset.has_field("sam")
     finally:
         dataset.delete()
+
+
+def test_channels_and_percentiles_pick_the_pixels_of_each_file(make_dataset, fo_segmenter, tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(7)
+    stack = (rng.random((90, 120, 5)) * 900).astype(np.uint16)
+    stack[20:60, 30:80, 3] += 40000  # a bright square seen only in channels 3 and 4
+    stack[20:60, 30:80, 4] += 25000
+    path = str(tmp_path / "five_channels.tif")
+    tifffile.imwrite(path, stack)
+    dataset = make_dataset([path])
+    options = {"threshold": 0.0, "channels": (4, 3, 2), "percentiles": (5.0, 95.0)}
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, **options)
+    assert (summary.processed, summary.failed_count) == (1, 0)
+    assert_matches_core(dataset.first()["sam"], fo_segmenter.segment(path, PROMPTS, **options))
 
 
 def test_existing_labels_are_skipped_unless_overwrite(dataset, fo_segmenter, image_paths):
