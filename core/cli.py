@@ -107,6 +107,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: fp16 on CUDA, fp32 elsewhere")
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
     parser.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="skip images over N pixels (height x width), a guard against decompression "
+                        "bombs (default: PROMPTSEG_MAX_PIXELS, else 268,435,456)")
     parser.add_argument("--clip", default=None, metavar="MODEL",
                         help="add a CLIP scorer: NAME/TAG (e.g. ViT-B-32/laion2b_s34b_b79k), NAME/PATH, "
                         "hf-hub:ORG/REPO or local-dir:DIR; every instance gets clip_score and a fused score")
@@ -161,7 +164,7 @@ def load_from_args(args: argparse.Namespace):
 
     cache_dir = False if getattr(args, "no_cache", False) else args.cache_dir
     return load_segmenter(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_dir,
-                          clip=getattr(args, "clip", None))
+                          clip=getattr(args, "clip", None), max_pixels=getattr(args, "max_pixels", None))
 
 
 def segment_options(args: argparse.Namespace) -> dict:
@@ -315,7 +318,7 @@ def segment_file(segmenter, path: str, args: argparse.Namespace, options: dict):
     """The image's RGB pixels (for the overlay) and its result."""
     from promptseg.images import load_image
 
-    rgb = load_image(path, **pixel_options(args))
+    rgb = load_image(path, max_pixels=segmenter.max_pixels, **pixel_options(args))
     return rgb, segmenter.segment(rgb, args.prompts, **options)
 
 

@@ -148,6 +148,18 @@ def test_decompression_bomb_is_skipped_and_the_images_after_it_written(tmp_path,
     assert not list((tmp_path / "out").glob("bomb*"))
 
 
+def test_max_pixels_skips_larger_images_and_writes_the_others(tmp_path, tiny_sam3_dir):
+    save_image(tmp_path / "big.png", 120, 200)
+    save_image(tmp_path / "small.png", 40, 50)
+    done = segment("big.png", "small.png", "-p", "cat", "--max-pixels", "10000", "--out", "out",
+                   cwd=tmp_path, model=tiny_sam3_dir)
+    assert done.returncode == 1, done.stderr
+    skipped = next(line for line in done.stderr.splitlines() if line.startswith("skipped big.png: "))
+    assert "24,000 pixels" in skipped and "limit of 10,000 pixels" in skipped
+    assert labels_shape(tmp_path / "out" / "small.labels.png") == (40, 50)
+    assert not (tmp_path / "out" / "big.labels.png").exists()
+
+
 def test_missing_file_among_good_ones_is_skipped(tmp_path, tiny_sam3_dir):
     save_image(tmp_path / "a.png", 60, 80)
     save_image(tmp_path / "c.png", 50, 40)
@@ -208,6 +220,8 @@ def test_doctor_diagnoses_a_missing_model_folder(tmp_path):
         pytest.param(["--channels", "7"], ["channels=(7,) does not fit an image with 3 channels"],
                      id="channels-out-of-range"),
         pytest.param(["-p", ""], ["A prompt is empty"], id="empty-prompt"),
+        pytest.param(["--max-pixels", "0"], ["max_pixels must be a whole number of pixels above 0"],
+                     id="max-pixels-zero"),
     ],
 )
 def test_bad_option_is_a_one_line_usage_error(args, words, tmp_path, tiny_sam3_dir):
