@@ -103,6 +103,11 @@ def label_studio(tmp_path_factory):
         stop(process)
 
 
+def backend_cache_dir(tmp_path_factory) -> Path:
+    """The embedding cache the backend writes and the reference core reads."""
+    return tmp_path_factory.getbasetemp() / "backend-embeddings"
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_sam3_dir, tmp_path_factory):
     """Our backend through its real command, ``promptseg labelstudio serve`` (waitress), in a subprocess.
@@ -115,8 +120,13 @@ def backend(tiny_sam3_dir, tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_")) and k not in ("PROMPTSEG_THRESHOLD", "LOCAL_FILES_DOCUMENT_ROOT")}
-    env.update(PROMPTSEG_CACHE_DIR=str(work / "cache"), PROMPTSEG_DEVICE="cpu", HF_HUB_OFFLINE="1",
-               PROMPTSEG_TRUST_SETUP_HOST="1")
+    import torch
+
+    # The reference core (fixture `core`) reads the embeddings this backend writes and decodes with as
+    # many threads: the same computation on bit-identical inputs, so masks may be compared exactly
+    # (see tests/tolerance.py).
+    env.update(PROMPTSEG_CACHE_DIR=str(backend_cache_dir(tmp_path_factory)), PROMPTSEG_DEVICE="cpu",
+               HF_HUB_OFFLINE="1", PROMPTSEG_TRUST_SETUP_HOST="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     command = [sys.executable, "-m", "promptseg.cli", "labelstudio", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--model", str(tiny_sam3_dir)]
     log = work / "backend.log"
@@ -143,10 +153,10 @@ def images(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def core(tiny_sam3_dir, tmp_path_factory):
-    """The core on its own, for the reference masks."""
+    """The core on its own, for the reference masks, on the backend's embeddings."""
     import promptseg
 
-    return promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=tmp_path_factory.mktemp("core-cache"))
+    return promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=backend_cache_dir(tmp_path_factory))
 
 
 def make_project(ls, url, kind, images, backend):
@@ -184,6 +194,7 @@ def test_pre_annotation_and_interactive_prompt_through_label_studio(label_studio
         for task, path in zip(tasks, images):
             regions = stored_regions(ls, task.id)
             result = core.segment(str(path), prompts[kind], threshold=0.0)
+            assert result.embedding_source != "computed"  # the backend's own embedding, read back
             height, width = result.image_size
             assert len(result) > 0
             if kind == "brush":
