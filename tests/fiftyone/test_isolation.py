@@ -111,10 +111,10 @@ def snapshot(client: pymongo.MongoClient) -> dict[str, dict[str, int]]:
     }
 
 
-@pytest.fixture
-def user_service(tmp_path):
+@pytest.fixture(scope="module")
+def user_service(tmp_path_factory):
     """A running per-user FiftyOne database service, started as FiftyOne starts it, holding USER_DATASET."""
-    home = tmp_path / "home"
+    home = tmp_path_factory.mktemp("user") / "home"
     dbpath = home / ".fiftyone" / "var" / "lib" / "mongo"
     dbpath.mkdir(parents=True)
     package = Path(find_spec("fiftyone").submodule_search_locations[0])
@@ -140,17 +140,13 @@ def user_service(tmp_path):
         stop_by_pid(started)
 
 
-def test_a_running_user_service_is_never_joined_read_or_written(user_service):
-    from fiftyone.service.util import find_processes_by_args
-
+def assert_isolated_from(user_service, env: dict[str, str]) -> None:
+    """Run the test setup in a process with `env`: it must neither see nor change the user's database."""
     client, port = user_service["client"], user_service["port"]
-    # The precondition that made the old setup unsafe: FiftyOne's own scan finds this service.
-    assert user_service["wrapper"].pid in [p.pid for p in find_processes_by_args(SHARED_SERVICE_ARGS)]
     before = snapshot(client)
     assert [d["name"] for d in client.fiftyone.datasets.find()] == [USER_DATASET]
 
-    run = subprocess.run([sys.executable, "-c", ISOLATED_RUN], capture_output=True, text=True, timeout=300,
-                         env=user_env(user_service["home"]))
+    run = subprocess.run([sys.executable, "-c", ISOLATED_RUN], capture_output=True, text=True, timeout=300, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
@@ -170,3 +166,22 @@ def test_a_running_user_service_is_never_joined_read_or_written(user_service):
             server = psutil.Process(result["server_pid"])
             if result["root"] in " ".join(server.cmdline()):
                 stop_by_pid([server])
+
+
+def test_a_running_user_service_is_never_joined_read_or_written(user_service):
+    from fiftyone.service.util import find_processes_by_args
+
+    # What made the old setup unsafe: FiftyOne's own scan finds this service and would join it.
+    assert user_service["wrapper"].pid in [p.pid for p in find_processes_by_args(SHARED_SERVICE_ARGS)]
+    assert_isolated_from(user_service, user_env(user_service["home"]))
+
+
+def test_a_user_database_named_in_the_environment_or_config_is_not_used_either(user_service):
+    home, uri = user_service["home"], f"mongodb://127.0.0.1:{user_service['port']}"
+    (home / ".fiftyone" / "config.json").write_text(json.dumps({"database_uri": uri, "database_name": "fiftyone"}))
+    env = user_env(home, FIFTYONE_DATABASE_URI=uri, FIFTYONE_PRIVATE_DATABASE_PORT=str(user_service["port"]),
+                   FIFTYONE_DATABASE_NAME="fiftyone", FIFTYONE_CONFIG_PATH=str(home / ".fiftyone" / "config.json"))
+    try:
+        assert_isolated_from(user_service, env)
+    finally:
+        (home / ".fiftyone" / "config.json").unlink()
