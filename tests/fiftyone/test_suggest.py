@@ -68,6 +68,16 @@ def test_without_a_sample_it_says_what_to_do(fo, dataset, params):
         foo.execute_operator(SUGGEST, ctx={"dataset": dataset, "params": params})
 
 
+def test_an_unreadable_open_sample_gets_the_cores_message(fo, make_dataset, params, image_paths, bomb_path):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionError
+
+    dataset = make_dataset([image_paths[0], bomb_path])
+    with pytest.raises(ExecutionError, match="PROMPTSEG_MAX_PIXELS"):
+        foo.execute_operator(SUGGEST, ctx={"dataset": dataset, "current_sample": dataset.values("id")[1],
+                                           "params": params})
+
+
 def test_output_shows_the_ranked_phrases():
     import fiftyone.operators as foo
 
