@@ -72,7 +72,8 @@ def _over_budget(name: str, size: str, limit: int) -> str:
     return (
         f"Image {name} is {size}, over the limit of {limit:,} pixels per image (a guard against "
         f"decompression bombs and running out of memory). If the image is genuine, raise the limit "
-        f"with load_segmenter(max_pixels=...) or the environment variable {MAX_PIXELS_ENV}; for a "
+        f"with load_segmenter(max_pixels=...), `promptseg segment --max-pixels N` or the environment "
+        f"variable {MAX_PIXELS_ENV}; for a "
         "large slide, also segment it in tiles (tile= / --tile) so the model sees it at full resolution."
     )
 
