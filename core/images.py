@@ -17,7 +17,7 @@ import math
 import os
 import re
 import threading
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ def _read_with_pillow(path: Path, max_pixels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with _pillow_bomb_limit(max_pixels), Image.open(path) as pil:
+        with _open_with_bomb_limit(path, max_pixels) as pil:
             check_pixel_budget(pil.height, pil.width, max_pixels, str(path))
             pil.load()
             return _pil_to_array(pil, str(path))
@@ -216,23 +216,24 @@ def _out_of_memory(path: Path, exc: MemoryError) -> str:
     )
 
 
-@contextmanager
-def _pillow_bomb_limit(max_pixels: int):
-    """Run Pillow's own bomb checks at promptseg's budget during one open and decode.
+def _open_with_bomb_limit(path: Path, max_pixels: int):
+    """`Image.open` with Pillow's own bomb check at promptseg's budget; decoding happens outside.
 
-    Pillow reads its limit from the module global ``PIL.Image.MAX_IMAGE_PIXELS`` at each check and
-    takes no per-call limit, so the global is set for the duration of one read, under a lock, and
-    restored afterwards: it never stays changed. Code outside promptseg that opens an image at that
-    same moment sees promptseg's budget (a limit still, never none) instead of its own. Reads by
-    promptseg wait for each other on the lock.
+    Pillow reads its limit from the module global ``PIL.Image.MAX_IMAGE_PIXELS`` and takes no
+    per-call limit, so the global is set for the duration of one open (which parses the header
+    and runs the check), under a lock, and restored at once: it never stays changed, and code
+    outside promptseg that opens an image at that same moment sees a limit still, never none.
+    Pillow's warning for images between once and twice its limit is silenced there: the caller
+    refuses them itself with a message that says what to do.
     """
     from PIL import Image
 
-    with _PILLOW_LIMIT_LOCK:
+    with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         previous = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            yield
+            return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = previous
 
