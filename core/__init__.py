@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from promptseg._lazy import load_attribute as _load_attribute
 from promptseg.errors import (
     CancelledError,
     ImageError,
@@ -34,26 +35,20 @@ _LAZY = {
     "Instance": "promptseg.results",
     "SegmentationResult": "promptseg.results",
     "load_image": "promptseg.images",
-    "load_clip": "promptseg.clip",
-    "map_to_labels": "promptseg.suggest",
+    "load_clip": "promptseg.clip.scorer",
+    "map_to_labels": "promptseg.clip.mapping",
 }
 
 if TYPE_CHECKING:
-    from promptseg.clip import load_clip
+    from promptseg.clip.mapping import map_to_labels
+    from promptseg.clip.scorer import load_clip
     from promptseg.images import load_image
-    from promptseg.suggest import map_to_labels
     from promptseg.results import Instance, SegmentationResult
     from promptseg.segmenter import DEFAULT_MODEL, Segmenter, default_model, load_segmenter
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'promptseg' has no attribute {name!r}")
+    return _load_attribute(__name__, _LAZY, name)
 
 
 __all__ = [

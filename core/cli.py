@@ -383,9 +383,9 @@ def write_stack(segmenter, path: str, stem: Path, args: argparse.Namespace, opti
 
 
 def run_suggest(args: argparse.Namespace) -> int:
-    from promptseg.clip import load_clip
+    from promptseg.clip.scorer import load_clip
     from promptseg.images import load_image
-    from promptseg.suggest import suggest_prompts
+    from promptseg.clip.suggest import suggest_prompts
 
     scorer = load_clip(args.clip, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     for phrase, probability in suggest_prompts(scorer, load_image(args.image), args.vocabulary, args.k):

@@ -36,7 +36,7 @@ def make_random_clip(directory: str | Path, multilingual: bool = False, seed: in
     import open_clip
     import torch
 
-    from promptseg.backends.openclip import save_local_dir
+    from promptseg.clip.openclip import save_local_dir
 
     directory = Path(directory)
     local = directory / "local-dir"
@@ -71,7 +71,7 @@ def _write_tiny_xlmr(directory: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
 
-    from promptseg.vocabulary import default_vocabulary
+    from promptseg.clip.vocabulary import default_vocabulary
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))

@@ -96,7 +96,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
         manager.register(sam3_meta, name="sam3-meta")
     if not manager.has_plugin("openclip"):  # likewise for the built-in CLIP scorer
-        from promptseg.backends import openclip
+        from promptseg.clip import openclip
 
         manager.register(openclip, name="openclip")
     return manager

@@ -34,7 +34,7 @@ from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash, resolv
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.results import SegmentationResult, ensure_prompt_list
 from promptseg.stacks import StackResult
-from promptseg.verify import plan_clip
+from promptseg.clip.verify import plan_clip
 from promptseg.tiling import resolve_tiling, segment_tiled
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def load_segmenter(
     cache = EmbeddingCache(MemoryCache(memory_cache_bytes), disk)
     scorer = None
     if clip not in (None, False):
-        from promptseg.clip import load_clip
+        from promptseg.clip.scorer import load_clip
 
         scorer = load_clip(clip, device=torch_device, dtype=torch_dtype, cache_dir=cache_dir)
     return Segmenter(
@@ -204,7 +204,7 @@ class Segmenter:
         `cancel()` is checked before each, raising `CancelledError`.
 
         With a CLIP scorer (``load_segmenter(clip=...)``) every instance gets ``clip_score`` and
-        a fused ``score`` (see `promptseg.verify`); `verify` drops instances whose CLIPScore is
+        a fused ``score`` (see `promptseg.clip.verify`); `verify` drops instances whose CLIPScore is
         below `clip_threshold` (default 0.5); `negative` phrases drop instances CLIP finds closer
         to them than to their prompt by more than `negative_margin`; `exclusive` gives each
         object one label of the prompt set. Non-English prompts are mapped to English phrases
@@ -251,7 +251,7 @@ class Segmenter:
         list) CLIP finds most likely in `image`, as ``(phrase, probability)``; needs ``clip=``."""
         if self.clip is None:
             raise OptionError("suggest_prompts needs a CLIP model: load_segmenter(..., clip=True) or --clip MODEL.")
-        from promptseg.suggest import suggest_prompts
+        from promptseg.clip.suggest import suggest_prompts
 
         return suggest_prompts(self.clip, load_image(image, max_pixels=self.max_pixels), vocabulary, k)
 

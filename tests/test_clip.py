@@ -176,7 +176,7 @@ def test_crop_embeddings_are_cached_by_content(scorer, rgb_image):
 
 def test_suggestions_come_from_the_disk_cache_in_a_new_process(tiny_clip, tmp_path, rgb_image):
     from promptseg.clip import load_clip
-    from promptseg.suggest import suggest_prompts
+    from promptseg.clip.suggest import suggest_prompts
 
     first = load_clip(tiny_clip["local_dir"], device="cpu", cache_dir=tmp_path)
     ranked = suggest_prompts(first, rgb_image, k=5)
@@ -193,7 +193,7 @@ def test_suggestions_come_from_the_disk_cache_in_a_new_process(tiny_clip, tmp_pa
 
 
 def test_fused_score_is_the_geometric_mean_and_replaces_score():
-    from promptseg.verify import decide
+    from promptseg.clip.verify import decide
 
     crops = torch.stack([_unit(1, 0, 0), _unit(0.2, 1, 0)])
     texts = torch.stack([_unit(1, 0, 0)])
@@ -207,7 +207,7 @@ def test_fused_score_is_the_geometric_mean_and_replaces_score():
 
 
 def test_verify_drops_instances_below_the_clip_threshold():
-    from promptseg.verify import ClipReport, decide
+    from promptseg.clip.verify import ClipReport, decide
 
     crops = torch.stack([_unit(1, 0.1, 0), _unit(0.1, 1, 0), _unit(1, 3, 0)])
     texts = torch.stack([_unit(1, 0, 0)])
@@ -223,7 +223,7 @@ def test_verify_drops_instances_below_the_clip_threshold():
 
 
 def test_negative_prompt_removes_instances_closer_to_it():
-    from promptseg.verify import ClipReport, decide
+    from promptseg.clip.verify import ClipReport, decide
 
     car, toy = _unit(1, 0, 0), _unit(0, 1, 0)
     crops = torch.stack([_unit(1, 0.2, 0), _unit(0.5, 1, 0), _unit(1, 0.9, 0)])
@@ -242,7 +242,7 @@ def test_negative_prompt_removes_instances_closer_to_it():
 
 
 def test_exclusive_label_set_keeps_one_label_per_object():
-    from promptseg.verify import ClipReport, decide
+    from promptseg.clip.verify import ClipReport, decide
 
     cat, dog = _unit(1, 0, 0), _unit(0, 1, 0)
     instances = [
@@ -359,7 +359,7 @@ def test_suggest_prompts_with_custom_vocabulary(clip_segmenter, rgb_image, tmp_p
 
 
 def test_shipped_vocabulary_is_coco_then_lvis():
-    from promptseg.vocabulary import default_vocabulary
+    from promptseg.clip.vocabulary import default_vocabulary
 
     vocabulary = default_vocabulary()
     assert vocabulary[:3] == ("person", "bicycle", "car") and len(vocabulary) == 1214
@@ -399,8 +399,8 @@ def test_multilingual_clip_maps_a_prompt_to_an_english_phrase(make_segmenter, ti
 
 def test_multilingual_tower_really_encodes_any_script(tiny_multilingual_clip):
     from promptseg.clip import load_clip
-    from promptseg.suggest import model_phrases
-    from promptseg.vocabulary import default_vocabulary
+    from promptseg.clip.mapping import model_phrases
+    from promptseg.clip.vocabulary import default_vocabulary
 
     scorer = load_clip(tiny_multilingual_clip["local_dir"], device="cpu", cache_dir=False)
     embeddings = scorer.text_embeddings(["红色的汽车", "собака", "red car"], templates=None)

@@ -29,8 +29,8 @@ def test_plugin_lists_the_operator(fo):
 def test_open_sample_gets_k_vocabulary_phrases_ranked_by_score(fo, dataset, params):
     import fiftyone.operators as foo
 
-    from promptseg.vocabulary import default_vocabulary
-    from promptseg_fiftyone.segmenters import get_segmenter
+    from promptseg.clip.vocabulary import default_vocabulary
+    from promptseg.sessions import shared_segmenter
 
     sample_id = dataset.values("id")[2]
     run = foo.execute_operator(SUGGEST, ctx={"dataset": dataset, "current_sample": sample_id, "params": params})
@@ -43,7 +43,7 @@ def test_open_sample_gets_k_vocabulary_phrases_ranked_by_score(fo, dataset, para
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
     assert run.result["prompts"] == ", ".join(phrases)
     # The same ranking the core gives, from the cached segmenter the operator loaded.
-    segmenter = get_segmenter(params["model"], device="cpu", clip=params["clip"])
+    segmenter = shared_segmenter(params["model"], device="cpu", clip=params["clip"])
     expected = segmenter.suggest_prompts(dataset[sample_id].filepath, k=5)
     assert [(s["phrase"], pytest.approx(s["score"])) for s in suggestions] == expected
 

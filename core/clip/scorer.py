@@ -63,7 +63,7 @@ def load_clip(
     `PROMPTSEG_CLIP` or ``ViT-B-32/laion2b_s34b_b79k``. Device, dtype and cache directory follow
     the same policy as `load_segmenter`.
     """
-    from promptseg.backends.openclip import DEFAULT_CLIP
+    from promptseg.clip.openclip import DEFAULT_CLIP
     from promptseg.plugins import registry
 
     if model in (None, True):
