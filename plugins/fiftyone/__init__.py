@@ -17,20 +17,21 @@ _LAZY = {
     "PromptsegModel": "promptseg_fiftyone.model",
     "segment_samples": "promptseg_fiftyone.runner",
     "RunSummary": "promptseg_fiftyone.runner",
-    "get_segmenter": "promptseg_fiftyone.segmenters",
     "to_detections": "promptseg_fiftyone.convert",
     "to_segmentation": "promptseg_fiftyone.convert",
     "to_polylines": "promptseg_fiftyone.convert",
 }
 
+_DEPRECATED = {"get_segmenter": "promptseg_fiftyone.segmenters"}  # warns when called
+
 __all__ = sorted(_LAZY) + ["register"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _LAZY or name in _DEPRECATED:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY.get(name) or _DEPRECATED[name]), name)
     raise AttributeError(f"module 'promptseg_fiftyone' has no attribute {name!r}")
 
 

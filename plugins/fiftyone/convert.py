@@ -169,6 +169,33 @@ def to_polylines(result, tolerance: float = 0.0):
     return fo.Polylines(polylines=polylines)
 
 
+def to_label(
+    result,
+    output: str,
+    phrases: Sequence[str],
+    class_ids: dict[str, int] | None,
+    mask_dir: str | os.PathLike | None,
+    mask_stem: str,
+    mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+):
+    """One sample's label of the `output` type (see `label_type`).
+
+    Masks of images with at least `mask_path_min_pixels` pixels go to PNG files under `mask_dir`
+    named after `mask_stem` (polylines have none). For a segmentation, `phrases` get class ids
+    in prompt order, found or not, added to `class_ids`.
+    """
+    if output == "polylines":
+        return to_polylines(result)
+    height, width = result.image_size
+    large = mask_dir is not None and mask_path_min_pixels is not None and height * width >= mask_path_min_pixels
+    folder = mask_dir if large else None
+    if output == "segmentation":
+        add_class_ids(class_ids, phrases)
+        path = os.path.join(os.fspath(folder), f"{mask_stem}.png") if folder is not None else None
+        return to_segmentation(result, class_ids, mask_path=path)
+    return to_detections(result, mask_dir=folder, mask_stem=mask_stem)
+
+
 def _copy_attributes(inst, label) -> None:
     """The phrase the model received and the core's numeric scores (``inst.extra``) as attributes."""
     label["phrase"] = inst.phrase or inst.label

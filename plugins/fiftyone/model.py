@@ -4,8 +4,9 @@
     dataset.apply_model(model, "sam3")
     dataset.apply_model(PromptsegModel(), "sam3", prompt_field="ground_truth")  # per-sample prompts
 
-The model is loaded once per process and shared with the operator (`segmenters.get_segmenter`),
-so a second `apply_model` over the same images reuses their embeddings.
+The model is loaded once per process and shared with the operator and the other hosts
+(`promptseg.sessions.shared_segmenter`), so a second `apply_model` over the same images reuses
+their embeddings.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from promptseg_fiftyone.convert import (
     exemplars_from_value,
     label_type,
     prompts_from_value,
-    to_detections,
-    to_polylines,
-    to_segmentation,
+    to_label,
 )
 
 
@@ -63,13 +62,14 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         **options: Any,
     ) -> None:
         from promptseg.results import ensure_prompt_list
-        from promptseg_fiftyone.segmenters import check_segment_options, get_segmenter
+        from promptseg.sessions import shared_segmenter
+        from promptseg_fiftyone.runner import check_segment_options
 
         fom.SamplesMixin.__init__(self)
         self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
         self.output = check_output(output)
         self.class_ids = add_class_ids({}, self.prompts)
-        self.segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+        self.segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
         check_segment_options(self.segmenter, options)  # a typo fails here, not once per sample
         self.options = options
         self.mask_dir = mask_dir
@@ -135,17 +135,9 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         if sample is not None and fields.get("exemplar_field"):
             exemplars = exemplars_from_value(sample[fields["exemplar_field"]], rgb.shape[:2], fields["exemplar_field"])
         result = self.segmenter.segment(rgb, phrases, exemplars=exemplars or None, **self.options)
-        if self.output == "polylines":
-            return to_polylines(result)
-        height, width = result.image_size
-        large = self.mask_path_min_pixels is not None and height * width >= self.mask_path_min_pixels
-        mask_dir = (self.mask_dir or _default_mask_dir()) if large else None
         stem = sample.id if sample is not None else uuid.uuid4().hex
-        if self.output == "segmentation":
-            add_class_ids(self.class_ids, phrases)
-            path = os.path.join(os.fspath(mask_dir), f"{stem}.png") if mask_dir else None
-            return to_segmentation(result, self.class_ids, mask_path=path)
-        return to_detections(result, mask_dir=mask_dir, mask_stem=stem)
+        return to_label(result, self.output, phrases, self.class_ids, self.mask_dir or _default_mask_dir(), stem,
+                        self.mask_path_min_pixels)
 
     def predict_all(self, args, samples=None):
         samples = samples if samples is not None else [None] * len(args)

@@ -232,7 +232,7 @@ class SuggestPrompts(foo.Operator):
         return types.Property(inputs, view=types.View(label="Suggest prompts"))
 
     def execute(self, ctx):
-        from promptseg_fiftyone.segmenters import get_segmenter
+        from promptseg.sessions import shared_segmenter
 
         params = ctx.params
         sample_id = _sample_for(ctx)
@@ -240,7 +240,7 @@ class SuggestPrompts(foo.Operator):
             raise ValueError("No sample: open a sample in the App or select one, then run Suggest prompts.")
         filepath = ctx.dataset[sample_id].filepath
         try:
-            segmenter = get_segmenter(
+            segmenter = shared_segmenter(
                 params.get("model") or None, device=params.get("device") or "auto",
                 clip=params.get("clip") or os.environ.get("PROMPTSEG_CLIP") or True,
             )
@@ -272,17 +272,22 @@ def _sample_for(ctx) -> str | None:
 
 
 class _ProgressReporter:
-    """``progress(done, total)`` for the runner, sent to ``ctx.set_progress`` at most once a second."""
+    """The core's ``progress(total, advance)`` as FiftyOne's ``ctx.set_progress(fraction, label)``.
+
+    Sent at the start, at the end and at most once a second in between.
+    """
 
     def __init__(self, ctx, interval: float = 1.0) -> None:
-        self.ctx, self.interval, self.last = ctx, interval, 0.0
+        self.ctx, self.interval, self.last, self.done = ctx, interval, 0.0, 0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, total: int, advance: int) -> None:
+        self.done = self.done + advance if advance else 0  # advance 0 announces the total
         now = time.monotonic()
-        if done not in (0, total) and now - self.last < self.interval:
+        if self.done not in (0, total) and now - self.last < self.interval:
             return
         self.last = now
-        self.ctx.set_progress(progress=done / total if total else 1.0, label=f"Segmented {done} of {total} samples")
+        self.ctx.set_progress(progress=self.done / total if total else 1.0,
+                              label=f"Segmented {self.done} of {total} samples")
 
 
 def _prompt_problem(prompts, prompt_field) -> str | None:

@@ -29,9 +29,7 @@ from promptseg_fiftyone.convert import (
     exemplars_from_value,
     label_type,
     prompts_from_value,
-    to_detections,
-    to_polylines,
-    to_segmentation,
+    to_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +42,8 @@ _REPEAT_KEYS = ("prompts", "prompt_field", "exemplar_field", "options", "model")
 _READ_OPTIONS = ("percentiles", "channels")  # how a file becomes RGB: used where the runner reads it
 
 Progress = Callable[[int, int], None]
-"""``progress(done, total)`` after each sample."""
+"""``progress(total, advance)``, the core's convention: once with ``advance=0`` to announce the
+number of samples to do, then ``advance=1`` after each one (written, skipped or failed)."""
 
 
 @dataclass
@@ -128,6 +127,38 @@ def check_source_field(samples, name: str | None, what: str, labels: Sequence[st
         )
 
 
+# Arguments every run sets itself, per sample; never taken from the user's options.
+_SET_PER_SAMPLE = ("image", "prompts", "exemplars")
+
+
+def check_segment_options(segmenter, options: dict[str, Any]) -> None:
+    """Raise `OptionError` for an option `segmenter.segment` does not take or a value out of range.
+
+    Checked once before a run, so a typo or ``threshold=2`` fails before any sample is touched.
+    """
+    import inspect
+
+    from promptseg.segmenter import check_options
+
+    per_sample = [name for name in options if name in _SET_PER_SAMPLE]
+    if per_sample:
+        raise OptionError(
+            f"{per_sample[0]!r} cannot be an option: each sample's image is its filepath, its prompts come "
+            "from prompts and prompt_field, its exemplar boxes from exemplar_field."
+        )
+    parameters = inspect.signature(segmenter.segment).parameters
+    # A wrapper that forwards everything (**kwargs) leaves the names to the segmenter it wraps.
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        accepted = [name for name in parameters if name not in _SET_PER_SAMPLE]
+        unknown = [name for name in options if name not in accepted]
+        if unknown:
+            raise OptionError(
+                f"Unknown option {', '.join(map(repr, unknown))}: Segmenter.segment takes {', '.join(accepted)}."
+            )
+    ranged = inspect.signature(check_options).parameters
+    check_options(**{name: value for name, value in options.items() if name in ranged})
+
+
 def segment_samples(
     samples,
     prompts: str | Sequence[str] | None = None,
@@ -160,14 +191,15 @@ def segment_samples(
     Images with at least `mask_path_min_pixels` pixels get their masks as PNG files under
     `mask_dir` (``None`` disables this; not used by polylines). `options` go to `Segmenter.segment` (threshold,
     mask_threshold, min_area, smooth, max_instances, ...). Results are written every
-    `batch_size` samples.
+    `batch_size` samples. `progress(total, advance)` is told the number of samples to do, then
+    each one done (see `Progress`).
     """
     import fiftyone as fo
     from fiftyone.core.collections import SaveContext
 
     from promptseg.images import load_image, resolve_max_pixels
     from promptseg.results import ensure_prompt_list
-    from promptseg_fiftyone.segmenters import check_segment_options, get_segmenter
+    from promptseg.sessions import shared_segmenter
 
     started = time.perf_counter()
     fixed = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
@@ -180,7 +212,7 @@ def segment_samples(
     check_source_field(samples, prompt_field, "prompt field")
     check_source_field(samples, exemplar_field, "exemplar field", EXEMPLAR_LABELS)
     dataset = samples._dataset
-    segmenter = segmenter or get_segmenter(model, device=device, dtype=dtype)
+    segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
     check_segment_options(segmenter, options)
     resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
 
@@ -202,10 +234,10 @@ def segment_samples(
     view = samples.select(ids, ordered=True).select_fields([f for f in (prompt_field, exemplar_field) if f])
     sources: Counter[str] = Counter()
     if progress:
-        progress(0, len(ids))
+        progress(len(ids), 0)
     try:
         with SaveContext(view, batch_size=batch_size) as writer:
-            for done, sample in enumerate(view.iter_samples(), start=1):
+            for sample in view.iter_samples():
                 labels = _segment_sample(
                     sample, segmenter, fixed, prompt_field, exemplar_field, options,
                     mask_dir, mask_path_min_pixels, summary, load_image, output, class_ids,
@@ -218,7 +250,7 @@ def segment_samples(
                     summary.instances += len(result)
                     sources[result.embedding_source] += 1
                 if progress:
-                    progress(done, len(ids))
+                    progress(len(ids), 1)
     finally:
         if class_ids is not None:
             _store_mask_targets(dataset, label_field, class_ids)
@@ -253,15 +285,7 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
         return None
     options = {name: value for name, value in options.items() if name not in _READ_OPTIONS}
     result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
-    height, width = result.image_size
-    large = mask_path_min_pixels is not None and height * width >= mask_path_min_pixels
-    if output == "polylines":
-        return result, to_polylines(result)
-    if output == "segmentation":
-        add_class_ids(class_ids, phrases)  # ids follow prompt order, found or not
-        path = os.path.join(os.fspath(mask_dir), f"{sample.id}.png") if large else None
-        return result, to_segmentation(result, class_ids, mask_path=path)
-    return result, to_detections(result, mask_dir=mask_dir if large else None, mask_stem=sample.id)
+    return result, to_label(result, output, phrases, class_ids, mask_dir, sample.id, mask_path_min_pixels)
 
 
 def _store_mask_targets(dataset, label_field: str, class_ids: dict[str, int]) -> None:

@@ -83,9 +83,9 @@ def fo():
 @pytest.fixture(scope="session")
 def fo_segmenter(tiny_sam3_dir):
     """The process-wide segmenter the operator also gets for model=tiny_sam3_dir, device=cpu."""
-    from promptseg_fiftyone.segmenters import get_segmenter
+    from promptseg.sessions import shared_segmenter
 
-    return get_segmenter(str(tiny_sam3_dir), device="cpu")
+    return shared_segmenter(str(tiny_sam3_dir), device="cpu")
 
 
 @pytest.fixture

@@ -71,6 +71,9 @@ def test_delegated_run_is_queued_then_executed(fo, operator, dataset, params, fo
     (run,) = service.list_operations(operator=URI, dataset_name=dataset.name)
     assert run.run_state == ExecutionRunState.COMPLETED, run.run_state
     assert run.result.result["processed"] == len(dataset)
+    # the worker saw the runner's progress(total, advance) as a fraction and a count
+    assert run.status.progress == 1.0
+    assert run.status.label == f"Segmented {len(dataset)} of {len(dataset)} samples"
     dataset.reload()
     for sample in dataset:
         assert_matches_core(sample["later"], fo_segmenter.segment(sample.filepath, PROMPTS, threshold=0.0))
@@ -104,6 +107,15 @@ def test_second_run_reuses_the_loaded_model_and_skips_the_image_encoder(operator
     # A freshly loaded model would start with an empty memory cache ("disk" at best).
     assert second.result["embedding_sources"] == {"memory": len(dataset)}
     assert fo_segmenter.stats.image_encoder_runs == runs
+
+
+def test_the_old_get_segmenter_warns_and_gives_the_shared_segmenter(params, fo_segmenter):
+    import promptseg_fiftyone
+
+    with pytest.warns(DeprecationWarning, match="promptseg.sessions.shared_segmenter"):
+        old = promptseg_fiftyone.get_segmenter(params["model"], device="cpu")
+    assert old is fo_segmenter
+    assert "get_segmenter" not in promptseg_fiftyone.__all__
 
 
 def test_output_choice_writes_segmentation_and_refuses_a_field_of_another_type(fo, dataset, params, fo_segmenter):

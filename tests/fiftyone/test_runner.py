@@ -118,6 +118,18 @@ def test_an_empty_dataset_is_a_run_with_nothing_to_do(fo, fo_segmenter):
         dataset.delete()
 
 
+def test_progress_announces_the_samples_to_do_then_counts_each_one(make_dataset, fo_segmenter, image_paths,
+                                                                    corrupt_path):
+    """The core's ``progress(total, advance)``: skipped samples are not counted, failed ones are."""
+    dataset = make_dataset([image_paths[0], corrupt_path, image_paths[1]])
+    segment_samples(dataset.limit(1), PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0)
+    calls = []
+    summary = segment_samples(dataset, PROMPTS, "sam", segmenter=fo_segmenter, threshold=0.0,
+                              progress=lambda *a: calls.append(a))
+    assert (summary.skipped, summary.processed, summary.failed_count) == (1, 1, 1)
+    assert calls == [(2, 0), (2, 1), (2, 1)]
+
+
 def test_channels_and_percentiles_pick_the_pixels_of_each_file(make_dataset, fo_segmenter, tmp_path):
     import tifffile
 
@@ -152,8 +164,11 @@ def test_existing_labels_are_skipped_unless_overwrite(dataset, fo_segmenter, ima
 def test_interrupted_run_resumed_equals_uninterrupted_run(dataset, fo_segmenter, image_paths):
     segment_samples(dataset, PROMPTS, "reference", segmenter=fo_segmenter, threshold=0.0)
 
-    def interrupt_after_three(done, total):
-        if done == 3:
+    done = []
+
+    def interrupt_after_three(total, advance):
+        done.append(advance)
+        if sum(done) == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
