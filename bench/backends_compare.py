@@ -51,7 +51,7 @@ def meta_processor_loop(seg, image: np.ndarray, repeat: int) -> float:
     from PIL import Image
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    from promptseg.backends.meta_device import DeviceRedirect
+    from promptseg.backends.meta.device import DeviceRedirect
 
     processor = Sam3Processor(seg.backend.model, resolution=seg.backend.input_size[0], device="cpu",
                               confidence_threshold=0.5)

@@ -92,9 +92,9 @@ def plugin_manager() -> pluggy.PluginManager:
 
         manager.register(sam3_hf, name="sam3")
     if not manager.has_plugin("sam3-meta"):  # Meta's package; its `load` says how to install it
-        from promptseg.backends import sam3_meta
+        from promptseg.backends import meta
 
-        manager.register(sam3_meta, name="sam3-meta")
+        manager.register(meta, name="sam3-meta")
     if not manager.has_plugin("openclip"):  # likewise for the built-in CLIP scorer
         from promptseg.clip import openclip
 

@@ -38,7 +38,7 @@ def make_meta(meta_checkpoint, tmp_path):
 
 def _rewrite(meta_checkpoint, tmp_path, change):
     """A copy of the tiny checkpoint (with its architecture file) after `change(state)`."""
-    from promptseg.backends.meta_model import arch_path
+    from promptseg.backends.meta.model import arch_path
 
     state = torch.load(meta_checkpoint, weights_only=True)
     change(state)
@@ -61,11 +61,11 @@ def test_pt_files_pick_the_meta_backend_and_directories_the_transformers_one(met
 
 
 def test_checkpoint_uses_the_official_layout_and_loads_every_tensor(meta_checkpoint):
-    from promptseg.backends import sam3_meta
+    from promptseg.backends import meta
 
     state = torch.load(meta_checkpoint, weights_only=True)
     assert state and all(key.startswith("detector.") for key in state)
-    backend = sam3_meta.load(str(meta_checkpoint), device="cpu")
+    backend = meta.load(str(meta_checkpoint), device="cpu")
     loaded = backend.model.state_dict()
     for key, value in state.items():
         name = key[len("detector."):]
@@ -75,7 +75,7 @@ def test_checkpoint_uses_the_official_layout_and_loads_every_tensor(meta_checkpo
 
 
 def test_random_model_has_no_uninitialised_text_parameters(meta_checkpoint):
-    from promptseg.backends.meta_model import UNINITIALISED
+    from promptseg.backends.meta.model import UNINITIALISED
 
     state = torch.load(meta_checkpoint, weights_only=True)
     for name in UNINITIALISED:
@@ -85,8 +85,8 @@ def test_random_model_has_no_uninitialised_text_parameters(meta_checkpoint):
 
 @pytest.mark.parametrize("what", ["missing", "extra", "shape", "foreign"])
 def test_checkpoint_with_wrong_keys_is_refused(meta_checkpoint, tmp_path, what):
-    from promptseg.backends import sam3_meta
-    from promptseg.backends.meta_model import UNINITIALISED
+    from promptseg.backends import meta
+    from promptseg.backends.meta.model import UNINITIALISED
 
     name = "detector." + UNINITIALISED[1]
 
@@ -104,38 +104,38 @@ def test_checkpoint_with_wrong_keys_is_refused(meta_checkpoint, tmp_path, what):
     expected = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches",
                 "foreign": "unexpected keys"}[what]
     with pytest.raises(ModelLoadError, match=expected):
-        sam3_meta.load(str(path), device="cpu")
+        meta.load(str(path), device="cpu")
 
 
 def test_tracker_tensors_and_nested_model_dict_are_accepted(meta_checkpoint, tmp_path):
-    from promptseg.backends import sam3_meta
+    from promptseg.backends import meta
 
     def change(state):
         nested = dict(state, **{"tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)})
         state.clear()
         state["model"] = nested
 
-    backend = sam3_meta.load(str(_rewrite(meta_checkpoint, tmp_path, change)), device="cpu")
+    backend = meta.load(str(_rewrite(meta_checkpoint, tmp_path, change)), device="cpu")
     assert backend.name == "sam3-meta"
 
 
 def test_unreadable_file_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
-    from promptseg.backends import sam3_meta
+    from promptseg.backends import meta
 
     bad = tmp_path / "sam3.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="download sam3.pt again"):
-        sam3_meta.load(str(bad), device="cpu")
+        meta.load(str(bad), device="cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*hf auth login"):
-        sam3_meta.load("facebook/sam3", device="cpu")
+        meta.load("facebook/sam3", device="cpu")
     with pytest.raises(ModelLoadError, match="No checkpoint at"):
-        sam3_meta.load(str(tmp_path / "nowhere" / "sam3.pt"), device="cpu")
+        meta.load(str(tmp_path / "nowhere" / "sam3.pt"), device="cpu")
 
 
 def test_device_redirect_is_scoped_to_its_block():
-    from promptseg.backends.meta_device import DeviceRedirect
+    from promptseg.backends.meta.device import DeviceRedirect
 
     with DeviceRedirect("cpu"):
         made = torch.zeros(2, device="cuda")
@@ -155,8 +155,8 @@ def test_released_architecture_matches_metas_own_builder_key_for_key():
 
     from sam3.model_builder import build_sam3_image_model
 
-    from promptseg.backends.meta_device import DeviceRedirect
-    from promptseg.backends.meta_model import Architecture, build_image_model
+    from promptseg.backends.meta.device import DeviceRedirect
+    from promptseg.backends.meta.model import Architecture, build_image_model
     from promptseg.tokenizer import open_clip_vocab_path
 
     with DeviceRedirect("cpu"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from promptseg.backends.meta_model import UNINITIALISED, Architecture, arch_path, build_image_model
+from promptseg.backends.meta.model import UNINITIALISED, Architecture, arch_path, build_image_model
 
 TINY = Architecture(
     image_size=112, patch_size=14, pretrain_image_size=56, vit_dim=32, vit_depth=2, vit_heads=2,

@@ -1,12 +1,16 @@
 """SAM 3 through Meta's official ``sam3`` package (backend ``sam3-meta``, extra ``meta``).
 
 Loads the official ``sam3.pt``: a local file, a directory holding one, or the hub file
-(``facebook/sam3``, gated). Keys are checked strictly (see `promptseg.backends.meta_model`),
+(``facebook/sam3``, gated). Keys are checked strictly (see `promptseg.backends.meta.model`),
 the text tokenizer gets open_clip's CLIP vocabulary (the package ships none), and every call
 into the package runs under a `DeviceRedirect`, so CUDA, Apple MPS and the CPU all work without
 editing the installed package. The cached embedding is the image encoder's FPN levels
 (``backbone_out["backbone_fpn"]``); position encodings depend on resolution only and are
 recomputed.
+
+This module registers the backend and loads it (torch and the package are imported by `load`
+only); `model` builds the network and checks the checkpoint's keys, `backend` runs the loaded
+model, `device` holds the `DeviceRedirect`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from promptseg.plugins import BackendSpec
 if TYPE_CHECKING:  # torch loads with the model, not with `promptseg --help`
     import torch
 
-    from promptseg.backends.meta_backend import Sam3MetaBackend
+    from promptseg.backends.meta.backend import Sam3MetaBackend
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +78,8 @@ def load(
         ) from exc
     import torch
 
-    from promptseg.backends.meta_backend import Sam3MetaBackend
-    from promptseg.backends.meta_model import load_image_model
+    from promptseg.backends.meta.backend import Sam3MetaBackend
+    from promptseg.backends.meta.model import load_image_model
     from promptseg.tokenizer import open_clip_vocab_path
 
     path, model_id = resolve_checkpoint(model, revision=revision, token=token)
@@ -119,7 +123,7 @@ def _download(repo: str, filename: str, revision: str | None, token: str | None)
 
 def _file_digest(path: Path) -> str:
     """Size plus the first and last MiB of the checkpoint and its architecture file, if any."""
-    from promptseg.backends.meta_model import arch_path
+    from promptseg.backends.meta.model import arch_path
 
     size = path.stat().st_size
     digest = hashlib.sha256(f"{path.name}:{size}".encode())

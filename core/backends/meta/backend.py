@@ -2,7 +2,7 @@
 
 Every call into the package runs under `DeviceRedirect` (its CUDA hard-codes go to this
 backend's device) and, below fp32, under ``torch.autocast`` with fp32 weights: the recipe the
-package is written for. See `promptseg.backends.sam3_meta` for loading.
+package is written for. See `promptseg.backends.meta` for loading.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from promptseg.backends.base import Detections, Tensors, sam3_embedding_spec, split_detections
-from promptseg.backends.meta_device import DeviceRedirect
+from promptseg.backends.meta.device import DeviceRedirect
 
 NAME = "sam3-meta"
 FPN_SCALES = (4.0, 2.0, 1.0)  # the neck's levels the detector consumes (its 0.5 level is scalped off)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from promptseg.backends.meta_device import DeviceRedirect
+from promptseg.backends.meta.device import DeviceRedirect
 from promptseg.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
