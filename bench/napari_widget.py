@@ -68,7 +68,8 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from promptseg_napari._widget import SegmentWidget, get_segmenter
+    from promptseg.sessions import shared_segmenter
+    from promptseg_napari._widget import SegmentWidget
 
     model = str(model_dir(args.size))
     slices, size = (12, 160) if args.size == "tiny" else (3, 512)
@@ -79,7 +80,7 @@ def main() -> None:
     viewer.window.add_dock_widget(widget)
     widget.model.value, widget.device.value, widget.threshold.value = model, "cpu", threshold
     widget.prompts.value = "nucleus"
-    segmenter = get_segmenter(model, "cpu")
+    segmenter = shared_segmenter(model, device="cpu")
     segmenter.segment(stack(99, 1, size)[0], "warm up", threshold=threshold)  # load and warm up
 
     def pump(seconds):

@@ -2,9 +2,11 @@
 
 The work runs in a napari thread worker so the viewer stays responsive; the core reports each
 finished tile or slice through a Qt signal, which Qt delivers on the main thread, where the
-progress bar and layers are updated (layers are never touched from the worker). Cancel sets an
-event the core checks before each tile or slice. One segmenter is loaded per (model, device)
-and reused, so a second prompt on the same image skips the image encoder.
+progress bar and layers are updated (layers are never touched from the worker). Progress is the
+core's ``progress(total, advance)``: the total sets the bar's maximum, each advance moves it.
+Cancel sets an event the core checks before each tile or slice. The segmenter comes from
+`promptseg.sessions.shared_segmenter` and is kept, so a second prompt on the same image skips the
+image encoder.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from qtpy.QtCore import QObject, Signal
 
 from promptseg.errors import CancelledError, PromptsegError
 from promptseg.segmenter import default_model
+from promptseg.sessions import shared_segmenter
 from promptseg_napari._layers import (
     AXES_CHOICES,
     LayerInput,
@@ -56,26 +58,6 @@ SOURCE_TEXT = {
     "disk": "cached (disk): image encoder skipped",
     "mixed": "partly cached",
 }
-_MAX_SEGMENTERS = 2
-_segmenters: OrderedDict[tuple[str, str], Any] = OrderedDict()
-_segmenters_lock = threading.Lock()
-
-
-def get_segmenter(model: str, device: str) -> Any:
-    """The segmenter for (model, device), loaded on first use and kept (the last two) for reuse."""
-    import promptseg
-
-    key = (model, device)
-    with _segmenters_lock:
-        if key in _segmenters:
-            _segmenters.move_to_end(key)
-            return _segmenters[key]
-        segmenter = promptseg.load_segmenter(model, device=device)
-        _segmenters[key] = segmenter
-        while len(_segmenters) > _MAX_SEGMENTERS:
-            _segmenters.popitem(last=False)
-        return segmenter
-
 
 @dataclass
 class Job:
@@ -115,7 +97,7 @@ class _ProgressRelay(QObject):
 def run_job(job: Job, progress, cancel) -> Outcome:
     """Worker-thread body: load (or reuse) the segmenter and segment the image or stack."""
     try:
-        segmenter = get_segmenter(job.model, job.device)
+        segmenter = shared_segmenter(job.model, device=job.device)
         start = time.perf_counter()
         skipped = {}
         if job.source.is_stack:

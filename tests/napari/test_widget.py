@@ -151,14 +151,14 @@ def test_rerun_updates_the_layer_in_place_unless_asked_to_keep(viewer_widget, ru
 
 
 def test_second_prompt_reuses_the_cached_embedding_and_says_so(viewer_widget, run_widget):
-    from promptseg_napari._widget import get_segmenter
+    from promptseg.sessions import shared_segmenter
 
     viewer, widget = viewer_widget
     viewer.add_image(structured((96, 128), seed=int(time.time_ns() % 100_000) + 100))  # unseen pixels
     widget.prompts.value = "cell"
     first = run_widget(widget)
     assert first.source == "computed" and "computed" in widget.status.value
-    segmenter = get_segmenter(widget.model.value, "cpu")
+    segmenter = shared_segmenter(widget.model.value, device="cpu")
     encoder_runs = segmenter.stats.image_encoder_runs
 
     widget.prompts.value = "nucleus"
@@ -166,7 +166,7 @@ def test_second_prompt_reuses_the_cached_embedding_and_says_so(viewer_widget, ru
 
     assert second.source == "memory" and "cached" in widget.status.value
     assert segmenter.stats.image_encoder_runs == encoder_runs
-    assert get_segmenter(widget.model.value, "cpu") is segmenter, "one segmenter per (model, device)"
+    assert shared_segmenter(widget.model.value, device="cpu") is segmenter, "one segmenter per (model, device)"
 
 
 def test_no_image_layer_gives_a_notification(viewer_widget, notifications):
