@@ -131,11 +131,11 @@ def health_under_load(model, image: bytes, threads: int, slots: int | None) -> d
     from waitress.server import create_server
 
     from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     host = TrickleHost(image)
     config = replace(model.config, allowed_hosts=(host.url.split("//")[1],), work_slots=slots, download_timeout=120.0)
-    server = create_server(create_app(PromptsegModel(config, segmenter=model.segmenter)), host="127.0.0.1",
+    server = create_server(create_app(PromptsegMLBackend(config, segmenter=model.segmenter)), host="127.0.0.1",
                            port=free_port(), threads=threads)
     url = f"http://127.0.0.1:{server.effective_port}"
     thread = threading.Thread(target=server.run, daemon=True)
@@ -179,7 +179,7 @@ def run_health_under_load(args, model_dir: str, work: Path) -> int:
 
     from promptseg_labelstudio._commands import RESERVED_THREADS
     from promptseg_labelstudio.config import BackendConfig
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     def png(seed: int) -> bytes:  # a new image per run: its embedding is computed, not cached
         buffer = io.BytesIO()
@@ -189,7 +189,7 @@ def run_health_under_load(args, model_dir: str, work: Path) -> int:
 
     for name in ("promptseg_labelstudio", "waitress"):  # refused requests and failed downloads are expected here
         logging.getLogger(name).setLevel(logging.ERROR)
-    model = PromptsegModel(BackendConfig(model=model_dir, device="cpu", threshold=0.0, cache_dir=work / "cache"))
+    model = PromptsegMLBackend(BackendConfig(model=model_dir, device="cpu", threshold=0.0, cache_dir=work / "cache"))
     slots = max(1, args.threads - RESERVED_THREADS)
     print(f"/health and /setup while 1 inference ({args.size}x{args.size}) and {args.threads - 1} slow downloads are asked "
           f"for, waitress --threads {args.threads}")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from promptseg_labelstudio.app import create_app
     from promptseg_labelstudio.config import BackendConfig
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     work = Path(tempfile.mkdtemp(prefix="promptseg-bench-ls-"))
     model_dir = args.model
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     images = make_images(work, 3 * args.requests, args.size)
     config = BackendConfig(model=model_dir, device="cpu", threshold=0.0, document_root=work, cache_dir=work / "cache",
                            work_slots=args.clients)
-    model = PromptsegModel(config)
+    model = PromptsegMLBackend(config)
     seg = model.segmenter
     # as `serve --threads N` does: N - 2 prediction slots, 2 threads kept for /health and /setup
     server = create_server(create_app(model), host="127.0.0.1", port=free_port(), threads=args.clients + 2)

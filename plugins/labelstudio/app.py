@@ -21,7 +21,7 @@ from typing import Any
 from promptseg.errors import PromptsegError
 from promptseg_labelstudio.config import BackendConfig
 from promptseg_labelstudio.labeling import JSON_TYPES, LabelingConfigError
-from promptseg_labelstudio.model import PromptsegModel
+from promptseg_labelstudio.model import PromptsegMLBackend
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class BadRequest(PromptsegError):
     """The request body is not what Label Studio sends."""
 
 
-def create_app(model: PromptsegModel | None = None, config: BackendConfig | None = None):
+def create_app(model: PromptsegMLBackend | None = None, config: BackendConfig | None = None):
     """A Flask app around `model` (built from `config`, or the environment, when not given).
 
     The model, and so the weights and embedding caches, is made once here, not per request.
@@ -42,7 +42,7 @@ def create_app(model: PromptsegModel | None = None, config: BackendConfig | None
     from werkzeug.exceptions import HTTPException
 
     if model is None:
-        model = PromptsegModel(config or BackendConfig.from_env())
+        model = PromptsegMLBackend(config or BackendConfig.from_env())
     config = model.config
     app = Flask("promptseg_labelstudio")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes

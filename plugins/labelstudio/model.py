@@ -1,14 +1,16 @@
-"""`PromptsegModel`: the ML backend's model class, with Label Studio's ``setup``/``predict`` shape.
+"""`PromptsegMLBackend`: the ML backend's model class, with Label Studio's ``setup``/``predict`` shape.
 
-One instance per process holds the segmenter (model weights and embedding caches) and each
-project's settings from ``/setup``. A second prompt on an image reuses its cached embedding, so
-interactive prompts after the first cost only the prompt decoder.
+One instance per process holds the segmenter (model weights and embedding caches, from
+`promptseg.sessions.shared_segmenter`) and each project's settings from ``/setup``. A second
+prompt on an image reuses its cached embedding, so interactive prompts after the first cost only
+the prompt decoder. The old name `PromptsegModel` still imports, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +48,15 @@ class ProjectSettings:
     refused_hostname: str | None = None
 
 
-class PromptsegModel:
+class PromptsegMLBackend:
     """Pre-annotates images with promptseg: label names (or hints) in batch, typed prompts interactively."""
 
     def __init__(self, config: BackendConfig | None = None, segmenter: Any = None) -> None:
         import promptseg
+        from promptseg.sessions import shared_segmenter
 
         self.config = config or BackendConfig.from_env()
-        self.segmenter = segmenter or promptseg.load_segmenter(
+        self.segmenter = segmenter or shared_segmenter(
             self.config.model, device=self.config.device, dtype=self.config.dtype, cache_dir=self.config.cache_dir,
         )
         name = Path(str(self.segmenter.model_name).rstrip("/")).name or "model"
@@ -241,6 +244,14 @@ def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:
 def _project_key(project: Any) -> str:
     """Label Studio sends ``"<id>.<created timestamp>"``: the id part names the project."""
     return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def __getattr__(name: str):
+    if name == "PromptsegModel":
+        warnings.warn("promptseg_labelstudio's PromptsegModel is now PromptsegMLBackend: import that name.",
+                      DeprecationWarning, stacklevel=2)
+        return PromptsegMLBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _import_sdk_parts() -> None:

@@ -30,25 +30,25 @@ def ls_image_root(tmp_path_factory) -> Path:
 def ls_model(tiny_sam3_dir, ls_image_root, tmp_path_factory):
     """One backend model per session: loading once per process is the point."""
     from promptseg_labelstudio.config import BackendConfig
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     config = BackendConfig(model=str(tiny_sam3_dir), device="cpu", threshold=THRESHOLD,
                            document_root=ls_image_root, cache_dir=tmp_path_factory.mktemp("ls-cache"))
-    return PromptsegModel(config)
+    return PromptsegMLBackend(config)
 
 
 @pytest.fixture
 def make_app(ls_model):
     """An app around the session model, optionally with another config (same segmenter)."""
     from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     def make(**changes):
         if not changes:
             return create_app(ls_model)
         from dataclasses import replace
 
-        return create_app(PromptsegModel(replace(ls_model.config, **changes), segmenter=ls_model.segmenter))
+        return create_app(PromptsegMLBackend(replace(ls_model.config, **changes), segmenter=ls_model.segmenter))
 
     return make
 

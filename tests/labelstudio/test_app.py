@@ -30,9 +30,31 @@ def core_result(ls_model, ls_image_root, name, prompts):
 def test_health_reports_model_and_status(client):
     body = client.get("/health").json
     assert body["status"] == "UP"
-    assert body["model_class"] == "PromptsegModel"
+    assert body["model_class"] == "PromptsegMLBackend"
     assert body["model_version"].startswith("promptseg-")
     assert client.get("/").json["status"] == "UP"
+
+
+def test_the_old_class_name_imports_with_a_deprecation_warning():
+    import promptseg_labelstudio
+    from promptseg_labelstudio.model import PromptsegMLBackend
+
+    with pytest.warns(DeprecationWarning, match="PromptsegMLBackend"):
+        from promptseg_labelstudio.model import PromptsegModel
+    assert PromptsegModel is PromptsegMLBackend
+    with pytest.warns(DeprecationWarning, match="PromptsegMLBackend"):
+        assert promptseg_labelstudio.PromptsegModel is PromptsegMLBackend
+    assert "PromptsegModel" not in promptseg_labelstudio.__all__
+
+
+def test_backends_with_the_same_settings_share_one_loaded_model(ls_model):
+    from promptseg.sessions import shared_segmenter
+    from promptseg_labelstudio.model import PromptsegMLBackend
+
+    config = ls_model.config
+    assert PromptsegMLBackend(config).segmenter is ls_model.segmenter
+    assert shared_segmenter(config.model, device=config.device, dtype=config.dtype,
+                            cache_dir=config.cache_dir) is ls_model.segmenter
 
 
 def test_setup_returns_model_version(client, ls_model):

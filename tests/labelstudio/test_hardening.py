@@ -63,13 +63,13 @@ def downloads(tmp_path) -> Path:
 def backend(ls_model, downloads):
     """Start the real app on waitress with config `changes` (same segmenter); stopped in teardown."""
     from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     servers = []
 
     def start(threads: int = 4, **changes) -> str:
         config = replace(ls_model.config, **{"download_dir": downloads, "download_timeout": 5.0, **changes})
-        server = LiveBackend(create_app(PromptsegModel(config, segmenter=ls_model.segmenter)), threads)
+        server = LiveBackend(create_app(PromptsegMLBackend(config, segmenter=ls_model.segmenter)), threads)
         servers.append(server)
         return server.url
 
