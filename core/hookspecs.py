@@ -1,7 +1,8 @@
 """Every hook promptseg calls, in one place.
 
-Plugins (the built-in SAM 3 backend included) implement these with ``@promptseg.hookimpl`` in a
-module named by an entry point of the group ``promptseg``::
+Plugins implement these with ``@promptseg.hookimpl``. Built-in ones (the SAM 3 backends, the
+OpenCLIP scorer) are modules named in `promptseg.plugins.BUILTIN_PLUGINS`; a third-party
+package names its module in the entry-point group ``promptseg``::
 
     [project.entry-points.promptseg]
     mybackend = "mypackage.promptseg_backend"
@@ -21,7 +22,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def promptseg_register_backends(registry) -> None:
     """Called once, the first time promptseg needs a backend.
 
-    Call ``registry.add_segmenter(spec)`` with a :class:`promptseg.plugins.BackendSpec` for each
+    Call ``registry.add_segmenter(spec)`` with a :class:`promptseg.backends.protocol.BackendSpec` for each
     segmentation backend (an image + text prompts -> masks model), and ``registry.add_scorer(spec)``
     for each image-text scorer (CLIP-like). Return nothing.
     """

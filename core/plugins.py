@@ -1,41 +1,33 @@
 """The plugin manager and the registry of backends the hooks fill.
 
-Built-in backends register exactly as third-party ones do: through the entry-point group
-``promptseg``. Nothing heavy is imported here; a backend's `load` imports its own dependencies.
+Built-in backends are plugins like any other, registered the way pytest registers its own: the
+modules named in `BUILTIN_PLUGINS` (imported by name, so this module imports none of them)
+first, then every module of the ``promptseg`` entry-point group that installed packages declare.
+Both implement the same hooks (`promptseg.hookspecs`). Nothing heavy is imported here; a
+backend's `load` imports its own dependencies.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 import pluggy
 
 from promptseg import hookspecs
+from promptseg.backends.protocol import BackendSpec
 from promptseg.errors import OptionError
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """How to recognise and load one backend.
-
-    `load(model, device, dtype, **options)` returns a backend object; `accepts(model)` says
-    whether a model string (hub id, directory, file) is meant for this backend, so
-    ``load_segmenter(model=...)`` can pick the backend without being told. Higher `priority`
-    is asked first.
-    """
-
-    name: str
-    load: Callable[..., Any]
-    accepts: Callable[[str], bool] = lambda model: False
-    priority: int = 0
-    description: str = ""
-    requires: tuple[str, ...] = field(default_factory=tuple)
+BUILTIN_PLUGINS = (
+    ("sam3", "promptseg.backends.sam3_hf"),
+    ("sam3-meta", "promptseg.backends.meta"),
+    ("openclip", "promptseg.clip.openclip"),
+)
+"""``(plugin name, module)`` of every plugin that ships with promptseg. An entry point of the
+same name cannot replace one (the built-in is registered first); block it by name instead."""
 
 
 class BackendRegistry:
@@ -81,25 +73,20 @@ class BackendRegistry:
         return max(table.values(), key=lambda s: s.priority)
 
 
-@lru_cache(maxsize=1)
-def plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, with every ``promptseg`` entry point loaded."""
+def new_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager with the built-in plugins, then every ``promptseg`` entry point, registered."""
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
+    for name, module in BUILTIN_PLUGINS:
+        manager.register(importlib.import_module(module), name=name)
     manager.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
-    if not manager.has_plugin("sam3"):  # running from a source tree without installed metadata
-        from promptseg.backends import sam3_hf
-
-        manager.register(sam3_hf, name="sam3")
-    if not manager.has_plugin("sam3-meta"):  # Meta's package; its `load` says how to install it
-        from promptseg.backends import meta
-
-        manager.register(meta, name="sam3-meta")
-    if not manager.has_plugin("openclip"):  # likewise for the built-in CLIP scorer
-        from promptseg.clip import openclip
-
-        manager.register(openclip, name="openclip")
     return manager
+
+
+@lru_cache(maxsize=1)
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (see `new_plugin_manager`)."""
+    return new_plugin_manager()
 
 
 @lru_cache(maxsize=1)
@@ -108,3 +95,6 @@ def registry() -> BackendRegistry:
     reg = BackendRegistry()
     plugin_manager().hook.promptseg_register_backends(registry=reg)
     return reg
+
+
+__all__ = ["BUILTIN_PLUGINS", "BackendRegistry", "BackendSpec", "new_plugin_manager", "plugin_manager", "registry"]

@@ -9,7 +9,7 @@ from PIL import Image
 from tolerance import MASK_EPS, assert_detections_close, assert_results_agree, full_size_probabilities
 
 import promptseg
-from promptseg.backends.base import Detections
+from promptseg.backends.protocol import Detections
 from promptseg.errors import ImageError, OptionError, PromptError
 from promptseg.masks import tight_box
 from promptseg.results import Instance, SegmentationResult

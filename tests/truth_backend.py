@@ -3,7 +3,7 @@
 A scene is a label image (0 background, 1..N objects) plus a class per object. It is rendered to
 RGB with the object id in the red and green bytes and the class code in the blue byte, so a tile
 of the picture carries exactly the objects visible in it. `TruthBackend` implements the backend
-protocol of `promptseg.backends.base` by decoding those bytes, so a real
+protocol of `promptseg.backends.protocol` by decoding those bytes, so a real
 `promptseg.segmenter.Segmenter` (with its cache, tiling and stitching) runs on it and every
 result can be compared with the exact truth.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from promptseg.backends.base import Detections
+from promptseg.backends.protocol import Detections
 
 
 def render(labels: np.ndarray, classes: dict[int, int]) -> np.ndarray:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.plugins import BackendSpec
+from promptseg.backends.protocol import BackendSpec
 
 if TYPE_CHECKING:  # registering this backend must stay cheap: torch loads when a model does
     import numpy as np
     import torch
 
-    from promptseg.backends.base import Detections, Tensors
+    from promptseg.backends.protocol import Detections, Tensors
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Sam3Backend:
 
     def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What `encode_image` returns whatever the image size (every image is resized to `input_size`)."""
-        from promptseg.backends.base import sam3_embedding_spec
+        from promptseg.backends.sam3_common import sam3_embedding_spec
 
         vision = self.model.config.vision_config
         scales = tuple(vision.scale_factors[:-1])  # the last level is not kept (see encode_image)
@@ -263,7 +263,7 @@ class Sam3Backend:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-        from promptseg.backends.base import exemplar_inputs, split_detections
+        from promptseg.backends.sam3_common import exemplar_inputs, split_detections
 
         batch = len(texts)
         levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(image))]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.plugins import BackendSpec
+from promptseg.backends.protocol import BackendSpec
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptseg.backends.protocol import ScorerBackend
 from promptseg.cache import DiskCache, EmbeddingCache, MemoryCache, default_cache_dir, make_key
 from promptseg.device import dtype_name, resolve_device, resolve_dtype
 from promptseg.images import pixel_hash
@@ -86,7 +87,9 @@ class ClipScorer:
     All embeddings are unit length on the CPU, so a similarity is a dot product.
     """
 
-    def __init__(self, backend: Any, cache: EmbeddingCache | None = None, model_name: str | None = None) -> None:
+    def __init__(
+        self, backend: ScorerBackend, cache: EmbeddingCache | None = None, model_name: str | None = None
+    ) -> None:
         self.backend = backend
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache(256 * 1024**2))
         self.text_cache = MemoryCache(64 * 1024**2)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.plugins import BackendSpec
+from promptseg.backends.protocol import BackendSpec
 
 if TYPE_CHECKING:  # torch loads with the model, not with `promptseg --help`
     import torch

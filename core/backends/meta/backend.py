@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from promptseg.backends.base import Detections, Tensors, sam3_embedding_spec, split_detections
+from promptseg.backends.protocol import Detections, Tensors
+from promptseg.backends.sam3_common import exemplar_inputs, sam3_embedding_spec, split_detections
 from promptseg.backends.meta.device import DeviceRedirect
 
 NAME = "sam3-meta"
@@ -122,15 +123,12 @@ class Sam3MetaBackend:
 
         if boxes is None or not len(boxes):
             return self.model._get_dummy_prompt(num_prompts=batch)
-        xyxy = boxes.to(self.device, self.dtype)
-        cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=-1)
-        labels = labels if labels is not None else torch.ones(len(boxes), dtype=torch.long)
+        cxcywh, labels = exemplar_inputs(boxes, labels, self.device, self.dtype)
         count = len(boxes)
         return Prompt(
             box_embeddings=cxcywh[:, None].expand(count, batch, 4),
             box_mask=torch.zeros(batch, count, dtype=torch.bool, device=self.device),
-            box_labels=labels.to(self.device, torch.long)[:, None].expand(count, batch),
+            box_labels=labels[:, None].expand(count, batch),
         )
 
     def _position(self, level: torch.Tensor) -> torch.Tensor:
