@@ -21,7 +21,7 @@ PROMPTS = ["cat", "ear", "whiskers"]
 
 
 def meta_checkpoint(size: str):
-    from promptseg.backends.meta_testing import make_random_meta_sam3
+    from promptseg.testing import make_random_meta_sam3
 
     return make_random_meta_sam3(BENCH_CACHE / f"sam3-meta-{size}", size=size)
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from promptseg import load_segmenter
-    from promptseg.clip_testing import make_random_clip
+    from promptseg.testing import make_random_clip
     from promptseg.testing import make_random_sam3
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

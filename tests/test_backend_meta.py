@@ -20,7 +20,7 @@ PROMPTS = ["red square", "green thing"]
 
 @pytest.fixture(scope="session")
 def meta_checkpoint(tmp_path_factory):
-    from promptseg.backends.meta_testing import make_random_meta_sam3
+    from promptseg.testing import make_random_meta_sam3
 
     return make_random_meta_sam3(tmp_path_factory.mktemp("models") / "tiny-meta")
 
@@ -187,7 +187,7 @@ def test_segment_finds_instances_with_masks_boxes_and_scores(make_meta, rgb_imag
 
 
 def test_decode_gives_mask_probabilities_normalised_boxes_and_thresholded_scores(make_meta, rgb_image):
-    from promptseg.backends.meta_testing import TINY
+    from promptseg.testing.meta import TINY
 
     seg = make_meta()
     features, _ = seg.embed(rgb_image)

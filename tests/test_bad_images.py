@@ -264,7 +264,7 @@ def backend_segmenter(request, tiny_sam3_dir, tmp_path_factory):
 
     model = str(tiny_sam3_dir)
     if request.param == "sam3-meta":
-        from promptseg.backends.meta_testing import make_random_meta_sam3
+        from promptseg.testing import make_random_meta_sam3
 
         model = str(make_random_meta_sam3(tmp_path_factory.mktemp("models") / "tiny-meta"))
     segmenter = load_segmenter(model, device="cpu", cache_dir=False)

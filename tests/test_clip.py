@@ -23,14 +23,14 @@ from promptseg.results import Instance
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> dict[str, str]:
-    from promptseg.clip_testing import make_random_clip
+    from promptseg.testing import make_random_clip
 
     return make_random_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_multilingual_clip(tmp_path_factory) -> dict[str, str]:
-    from promptseg.clip_testing import make_random_clip
+    from promptseg.testing import make_random_clip
 
     return make_random_clip(tmp_path_factory.mktemp("models") / "tiny-xlmr-clip", multilingual=True)
 

@@ -9,7 +9,7 @@ SUGGEST = "@promptseg/fiftyone/suggest_prompts"
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
-    from promptseg.clip_testing import make_random_clip
+    from promptseg.testing import make_random_clip
 
     return make_random_clip(tmp_path_factory.mktemp("fo-clip") / "tiny-clip")["local_dir"]
 
