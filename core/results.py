@@ -168,6 +168,12 @@ class SegmentationResult:
         }
 
 
+def normalise_prompt(text: str) -> str:
+    """A prompt as the core uses it, and as it comes back in `Instance.label`: runs of white space
+    made one space, none at the ends. Hosts that map labels back to their own names key by this."""
+    return " ".join(text.split())
+
+
 def ensure_prompt_list(prompts: str | Sequence[str]) -> list[str]:
     """Normalise the `prompts` argument to a list of stripped, non-empty strings."""
     from promptseg.errors import PromptError
@@ -182,7 +188,7 @@ def ensure_prompt_list(prompts: str | Sequence[str]) -> list[str]:
             raise PromptError(
                 f"Prompts must be strings, got {type(prompt).__name__}: {prompt!r}."
             )
-        text = " ".join(prompt.split())
+        text = normalise_prompt(prompt)
         if not text:
             raise PromptError("A prompt is empty: give a noun phrase such as 'nucleus'.")
         cleaned.append(text)

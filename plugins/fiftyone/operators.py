@@ -291,10 +291,15 @@ class _ProgressReporter:
 
 
 def _prompt_problem(prompts, prompt_field) -> str | None:
+    """What the core would say about the typed prompts (the form shows it next to the field)."""
+    from promptseg.results import ensure_prompt_list
+
     if not prompts:
         return None if prompt_field else "Add at least one prompt, e.g. 'car'."
-    if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        return "A prompt is empty: type a noun phrase such as 'car' or remove the entry."
+    try:
+        ensure_prompt_list(prompts)
+    except PromptsegError as exc:
+        return str(exc)
     return None
 
 

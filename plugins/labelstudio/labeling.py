@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from promptseg.errors import PromptsegError
+from promptseg.results import normalise_prompt
 
 GEOMETRY = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
 LABELED = {v: k for k, v in GEOMETRY.items()}
@@ -60,7 +61,7 @@ class LabelingPlan:
         """Prompt phrases for pre-annotation and, for each phrase, the label it fills."""
         phrase_to_label: dict[str, str] = {}
         for label, phrase in self.prompts.items():
-            phrase_to_label.setdefault(_normalise(phrase), label)
+            phrase_to_label.setdefault(normalise_prompt(phrase), label)
         return list(phrase_to_label), phrase_to_label
 
     def label_for_prompt(self, text: str) -> tuple[str, str]:
@@ -69,7 +70,7 @@ class LabelingPlan:
         ``"label: description"`` picks the label explicitly; otherwise a prompt equal to a label
         or its hint, then a prompt containing a label name (longest wins), then the only label.
         """
-        text = _normalise(text)
+        text = normalise_prompt(text)
         if not text:
             raise PromptMatchError("The prompt is empty: type what to segment, e.g. one of " + self._label_list())
         lowered = {label.lower(): label for label in self.prompts}
@@ -94,10 +95,6 @@ class LabelingPlan:
 
     def _label_list(self) -> str:
         return "[" + ", ".join(self.prompts) + "]"
-
-
-def _normalise(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def parse_labeling_config(config: str) -> LabelingPlan:
@@ -154,7 +151,7 @@ def _parse(config: str) -> LabelingPlan:
             continue
         for label, tag in (control.labels_attrs or {}).items():
             hint = next((tag.attr.get(a) for a in PROMPT_ATTRIBUTES if tag.attr.get(a)), None)
-            prompts.setdefault(label, _normalise(hint or label))
+            prompts.setdefault(label, normalise_prompt(hint or label))
     textareas = tuple(
         c.name for c in controls if c.tag.lower() == "textarea" and image_name in (c.to_name or [])
     )

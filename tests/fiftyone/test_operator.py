@@ -84,6 +84,7 @@ def test_delegated_run_is_queued_then_executed(fo, operator, dataset, params, fo
     [
         ({"prompts": []}, "Add at least one prompt"),
         ({"prompts": ["car", "  "]}, "A prompt is empty"),
+        ({"prompts": ["car", 3]}, "Prompts must be strings, got int"),
         ({"label_field": "bad.name"}, "Bad label field name"),
         ({"label_field": "filepath"}, "already holds StringField, not Detections"),
         ({"label_field": "filepath", "output": "segmentation"}, "already holds StringField, not Segmentation"),

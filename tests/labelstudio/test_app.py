@@ -80,6 +80,16 @@ def test_brush_masks_equal_core_masks_pixel_for_pixel(client, ls_model, ls_image
     assert prediction["score"] == pytest.approx(max(i.score for i in result.instances))
 
 
+def test_a_hint_with_loose_white_space_still_labels_every_instance(client, ls_model, ls_image_root):
+    config = CONFIGS["brush"].replace('hint="small dog"', 'hint="  small \t dog "')
+    [prediction] = predict(client, config, ["image0.png"])
+    result = core_result(ls_model, ls_image_root, "image0.png", ["cat", "small dog"])
+    assert {inst.label for inst in result.instances} == {"cat", "small dog"}
+    assert [region_label(region) for region in prediction["result"]] == [
+        {"cat": "cat", "small dog": "dog"}[inst.label] for inst in result.instances
+    ]
+
+
 def test_rectangles_are_tight_mask_boxes_in_percent(client, ls_model, ls_image_root):
     [prediction] = predict(client, CONFIGS["rectangle"], ["image1.png"])
     result = core_result(ls_model, ls_image_root, "image1.png", ["cat", "dog"])
