@@ -218,9 +218,7 @@ class PromptsegMLBackend:
             raise OptionError("Extra param 'polygon_tolerance' must be >= 0 (pixels; 0 keeps every contour vertex).")
         from promptseg.segmenter import check_options
 
-        merged = {"threshold": self.config.threshold, "mask_threshold": 0.5, "min_area": 0, "smooth": 0,
-                  "max_instances": None, **{k: v for k, v in params.items() if k in SEGMENT_PARAMS}}
-        check_options(**merged)
+        check_options(**self._segment_options(params))  # what predict will pass; the rest keep the core's defaults
         return params
 
 
