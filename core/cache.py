@@ -45,6 +45,17 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("promptseg")) / "embeddings"
 
 
+def open_disk_cache(
+    cache_dir: str | os.PathLike | bool | None, max_bytes: int = DEFAULT_DISK_BYTES, folder: str | None = None
+) -> DiskCache | None:
+    """The disk cache a loader's `cache_dir` names: a folder (`folder` below it when given), None or
+    True for `default_cache_dir()`, False for none."""
+    if cache_dir is False:
+        return None
+    root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+    return DiskCache(root / folder if folder else root, max_bytes)
+
+
 def make_key(**parts: object) -> str:
     """A stable hex key from named parts (sorted, JSON-encoded, hashed)."""
     payload = json.dumps({"format": CACHE_FORMAT_VERSION, **parts}, sort_keys=True, default=str)

@@ -1,16 +1,42 @@
-"""Fetching model files from the Hugging Face hub, with failures turned into what-to-do messages.
+"""Model files: fetched from the Hugging Face hub with what-to-do messages, and fingerprinted.
 
 SAM 3 is gated, so the common failures are a licence not accepted, no login, no network, or
 ``HF_HUB_OFFLINE`` with nothing cached; each becomes a `ModelLoadError` that says how to fix it.
+Local weights are named in cache keys by `weights_fingerprint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from promptseg.errors import ModelLoadError
+
+
+FINGERPRINT_BYTES = 1 << 20
+"""How much of each end of a weights file the fingerprint reads."""
+
+
+def weights_fingerprint(*parts: bytes | Path) -> str:
+    """A cheap content digest of local weights, for cache keys: every part in order, where a file
+    counts by its name, size and first and last MiB, and bytes (a config file's text) count whole.
+
+    Reading only the ends keeps this instant on multi-GB checkpoints; any re-save changes them.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bytes):
+            digest.update(part)
+            continue
+        size = part.stat().st_size
+        digest.update(f"{part.name}:{size}".encode())
+        with open(part, "rb") as handle:
+            digest.update(handle.read(FINGERPRINT_BYTES))
+            handle.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:24]
 
 
 def hub_offline() -> bool:

@@ -10,14 +10,19 @@ backend's `load` imports its own dependencies.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from promptseg import hookspecs
 from promptseg.backends.protocol import BackendSpec
 from promptseg.errors import OptionError
+
+if TYPE_CHECKING:  # torch loads with a model, not with the registry
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -97,4 +102,46 @@ def registry() -> BackendRegistry:
     return reg
 
 
-__all__ = ["BUILTIN_PLUGINS", "BackendRegistry", "BackendSpec", "new_plugin_manager", "plugin_manager", "registry"]
+def load_backend(
+    kind: str, model: str, device: Any = "auto", dtype: Any = "auto", name: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Any, torch.device, torch.dtype]:
+    """The load steps `load_segmenter` and `load_clip` share: resolve device and dtype, pick the
+    registered backend of `kind` (``"segmentation"`` or ``"scorer"``) for `model` (or the one
+    called `name`), check `options` against its loader, and load. Returns the loaded backend with
+    the device and dtype it was given."""
+    from promptseg.device import dtype_name, resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if kind == "segmentation":
+        spec = registry().segmenter_for(model, name)
+    elif kind == "scorer":
+        spec = registry().scorer_for(model, name)
+    else:
+        raise ValueError(f"kind must be 'segmentation' or 'scorer', got {kind!r}")
+    options = options or {}
+    check_loader_options(spec, options, "load_segmenter" if kind == "segmentation" else "load_clip")
+    logger.info("Loading %s model %s with backend %s on %s (%s)", kind, model, spec.name, torch_device,
+                dtype_name(torch_dtype))
+    return spec.load(model, device=torch_device, dtype=torch_dtype, **options), torch_device, torch_dtype
+
+
+def check_loader_options(spec: BackendSpec, options: dict[str, Any], caller: str) -> None:
+    """Raise `OptionError` for a keyword the backend's loader does not take (`caller` takes its own)."""
+    parameters = inspect.signature(spec.load).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = sorted(set(parameters) - {"model", "device", "dtype"})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise OptionError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for the {spec.name} backend: besides "
+            f"{caller}'s own options it takes {', '.join(accepted) or 'nothing'}. Check the spelling."
+        )
+
+
+__all__ = [
+    "BUILTIN_PLUGINS", "BackendRegistry", "BackendSpec", "check_loader_options", "load_backend",
+    "new_plugin_manager", "plugin_manager", "registry",
+]

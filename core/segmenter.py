@@ -13,7 +13,6 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,13 +21,12 @@ import torch
 from promptseg.cache import (
     DEFAULT_DISK_BYTES,
     DEFAULT_MEMORY_BYTES,
-    DiskCache,
     EmbeddingCache,
     MemoryCache,
-    default_cache_dir,
     make_key,
+    open_disk_cache,
 )
-from promptseg.device import dtype_name, resolve_device, resolve_dtype
+from promptseg.device import dtype_name
 from promptseg.errors import CancelledError, ImageError, OptionError
 from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
@@ -86,22 +84,16 @@ def load_segmenter(
     `max_pixels` is the most pixels (height x width) an image file may decode to (default
     `PROMPTSEG_MAX_PIXELS`, else 2**28); larger images are an `ImageError` naming it.
     """
-    from promptseg.plugins import registry
+    from promptseg.plugins import load_backend
 
     model = model or default_model()
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     _check_load_options(prompt_batch_size, memory_cache_bytes, disk_cache_bytes)
     if max_pixels is not None:
         resolve_max_pixels(max_pixels)  # a bad budget fails before the model loads
-    spec = registry().segmenter_for(str(model), backend)
-    _check_backend_options(spec, backend_options)
-    logger.info("Loading %s with backend %s on %s (%s)", model, spec.name, torch_device, dtype_name(torch_dtype))
-    loaded = spec.load(str(model), device=torch_device, dtype=torch_dtype, **backend_options)
-    disk = None
-    if cache_dir is not False:
-        disk = DiskCache(Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir(), disk_cache_bytes)
-    cache = EmbeddingCache(MemoryCache(memory_cache_bytes), disk)
+    loaded, torch_device, torch_dtype = load_backend(
+        "segmentation", str(model), device, dtype, backend, backend_options
+    )
+    cache = EmbeddingCache(MemoryCache(memory_cache_bytes), open_disk_cache(cache_dir, disk_cache_bytes))
     scorer = None
     if clip not in (None, False):
         from promptseg.clip.scorer import load_clip
@@ -477,22 +469,6 @@ def _check_load_options(prompt_batch_size: Any, memory_cache_bytes: Any, disk_ca
                 f"{name} must be a whole number of bytes >= 0, got {value!r}"
                 + (" (use cache_dir=False to turn the disk cache off)." if name == "disk_cache_bytes" else ".")
             )
-
-
-def _check_backend_options(spec: Any, options: dict[str, Any]) -> None:
-    """Raise `OptionError` for a keyword the chosen backend's loader does not take."""
-    import inspect
-
-    parameters = inspect.signature(spec.load).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    accepted = sorted(set(parameters) - {"model", "device", "dtype"})
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise OptionError(
-            f"Unknown option(s) {', '.join(map(repr, unknown))} for the {spec.name} backend: besides "
-            f"load_segmenter's own options it takes {', '.join(accepted) or 'nothing'}. Check the spelling."
-        )
 
 
 def _whole(value: Any) -> bool:

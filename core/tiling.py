@@ -17,16 +17,14 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from promptseg.errors import CancelledError, OptionError
 from promptseg.masks import mask_iou, mask_nms, postprocess, tight_box
 from promptseg.results import Instance, SegmentationResult
-
-if TYPE_CHECKING:
-    from promptseg.segmenter import Segmenter
+from promptseg.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
 
@@ -111,28 +109,8 @@ class _Piece:
     tile: Tile
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def add(self) -> int:
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
-
-
 def segment_tiled(
-    segmenter: Segmenter,
+    segmenter: Any,  # a promptseg.segmenter.Segmenter, not imported: the segmenter imports this module
     rgb: np.ndarray,
     phrases: list[str],
     *,
@@ -165,7 +143,7 @@ def segment_tiled(
     neighbours = _earlier_neighbours(tiles)
     pieces: list[_Piece] = []
     by_tile: dict[int, list[int]] = defaultdict(list)
-    groups = _UnionFind()
+    groups = UnionFind()
     origins: set[str] = set()
     if progress:
         progress(len(tiles), 0)
@@ -190,10 +168,7 @@ def segment_tiled(
                         groups.union(index, other)
         if progress:
             progress(len(tiles), 1)
-    members: dict[int, list[_Piece]] = defaultdict(list)
-    for index, piece in enumerate(pieces):
-        members[groups.find(index)].append(piece)
-    stitched = [_stitch(group) for _, group in sorted(members.items())]
+    stitched = [_stitch([pieces[i] for i in group]) for group in groups.groups()]
     instances = postprocess(stitched, (height, width), smooth=smooth, min_area=min_area, iou_threshold=None,
                             cross_prompt_iou=None)
     instances = local_nms(local_nms(instances, iou_threshold, True, tile), cross_prompt_iou, False, tile)

@@ -88,6 +88,15 @@ def test_scorer_is_registered_through_the_plugin_hook():
     assert registry().scorers["openclip"].name == "openclip"
 
 
+def test_misspelt_clip_loader_option_is_an_option_error_naming_what_it_takes(tiny_clip):
+    """load_clip checks its backend's options like load_segmenter does (one shared load path)."""
+    from promptseg.clip import load_clip
+
+    with pytest.raises(OptionError, match="Unknown option\\(s\\) 'pretraned' for the openclip backend: besides "
+                       "load_clip's own options it takes cache_dir, pretrained"):
+        load_clip(tiny_clip["local_dir"], device="cpu", cache_dir=False, pretraned="x")
+
+
 def test_architecture_without_weights_is_refused():
     from promptseg.clip import load_clip
 

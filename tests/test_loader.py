@@ -119,6 +119,30 @@ def test_model_identity_is_content_based(tiny_sam3_dir, tmp_path):
     assert a == b  # a copied model directory shares cache entries
 
 
+def test_local_weights_keep_the_fingerprints_earlier_versions_wrote(tmp_path):
+    """Local weights are named in every cache key by a fingerprint of their files (one function for
+    both SAM 3 backends and CLIP); changing it would orphan every disk cache users have filled."""
+    from promptseg.backends import meta, sam3_hf
+    from promptseg.clip import openclip
+
+    hf, pt, clip = tmp_path / "hf", tmp_path / "meta", tmp_path / "clip"
+    for folder in (hf, pt, clip):
+        folder.mkdir()
+    (hf / "config.json").write_bytes(b'{"a": 1}')
+    (hf / "model.safetensors").write_bytes(bytes(range(256)) * 9000)  # > 2 MiB: both ends are read
+    (hf / "model-2.safetensors").write_bytes(b"xyz" * 10)
+    (pt / "sam3.pt").write_bytes(bytes(range(255, -1, -1)) * 5000)
+    (pt / "sam3.pt.arch.json").write_bytes(b'{"image_size": 112}')
+    (clip / "open_clip_config.json").write_bytes(b'{"model_cfg": {}}')
+    (clip / "open_clip_model.safetensors").write_bytes(b"w" * 3000)
+
+    assert sam3_hf.resolve_model_dir(str(hf))[1] == "local:c4e2217e4706e250da85725f"
+    assert meta.resolve_checkpoint(str(pt / "sam3.pt"))[1] == "local:6faad34e6b07eb7dbef74be0"
+    assert openclip.parse_model(f"local-dir:{clip}")[2] == "local-dir:b5e7f4dd42808894b4f8a5f1"
+    weights = clip / "open_clip_model.safetensors"
+    assert openclip.parse_model(f"ViT-B-32/{weights}")[2] == "ViT-B-32/file:4ee690b71c68993e013618d6"
+
+
 @pytest.mark.parametrize("device, dtype, words", [("tpu", "auto", "Unknown device"), ("cpu", "int8", "Unknown dtype")])
 def test_bad_device_or_dtype_is_a_clear_error(tiny_sam3_dir, device, dtype, words):
     with pytest.raises(OptionError, match=words):

@@ -8,7 +8,6 @@ embedding; positional encodings depend on resolution only and are recomputed, no
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -17,9 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from promptseg.backends.protocol import BackendSpec
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.backends.protocol import BackendSpec
 
 if TYPE_CHECKING:  # registering this backend must stay cheap: torch loads when a model does
     import numpy as np
@@ -137,16 +136,11 @@ def _download(repo: str, revision: str | None, token: str | None) -> tuple[Path,
 
 
 def _weights_digest(path: Path) -> str:
-    """A cheap content digest of a model directory: config plus size and ends of each weight file."""
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for weights in sorted(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
-        with open(weights, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:24]
+    """The fingerprint of a model directory: its config, then each weight file."""
+    from promptseg.hub import weights_fingerprint
+
+    weights = sorted(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
+    return weights_fingerprint((path / "config.json").read_bytes(), *weights)
 
 
 @lru_cache(maxsize=1)

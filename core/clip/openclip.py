@@ -8,17 +8,15 @@ without weights is refused: random CLIP scores would silently drop good masks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
+from promptseg.backends.protocol import BackendSpec
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.backends.protocol import BackendSpec
+from promptseg.hub import hub_offline, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def parse_model(model: str, pretrained: str | None = None) -> tuple[str, str | N
         )
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return name, str(path), f"{name}/file:{_file_digest(path)}"
+        return name, str(path), f"{name}/file:{weights_fingerprint(path)}"
     if pretrained.startswith(("/", ".", "~")) or pretrained.endswith(CHECKPOINT_SUFFIXES):
         raise ModelLoadError(f"No CLIP weights file at {pretrained}. Check the path.")
     if pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -125,7 +123,7 @@ def load(
 
 def _explain(model: str, exc: Exception) -> str:
     text = f"{exc.__class__.__name__}: {exc}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     if any(word in text.lower() for word in ("connect", "offline", "resolve", "download", "hub", "http")):
         return (
             f"Cannot fetch CLIP weights for {model!r} ({'HF_HUB_OFFLINE is set' if offline else 'hub unreachable'}; "
@@ -156,23 +154,9 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
 
 
-def _file_digest(path: Path, digest=None) -> str:
-    digest = digest or hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:24]
-
-
 def _digest(directory: Path) -> str:
-    """A cheap content digest of a model directory: config plus size and ends of each checkpoint."""
-    digest = hashlib.sha256((directory / "open_clip_config.json").read_bytes())
-    for path in _checkpoints(directory):
-        _file_digest(path, digest)
-    return digest.hexdigest()[:24]
+    """The fingerprint of a model directory: its config, then each checkpoint."""
+    return weights_fingerprint((directory / "open_clip_config.json").read_bytes(), *_checkpoints(directory))
 
 
 class OpenClipBackend:

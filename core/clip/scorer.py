@@ -10,24 +10,20 @@ centre crop cuts nothing off.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from promptseg.backends.protocol import ScorerBackend
-from promptseg.cache import DiskCache, EmbeddingCache, MemoryCache, default_cache_dir, make_key
-from promptseg.device import dtype_name, resolve_device, resolve_dtype
+from promptseg.cache import EmbeddingCache, MemoryCache, make_key, open_disk_cache
+from promptseg.device import dtype_name
 from promptseg.images import pixel_hash
 from promptseg.results import Instance
-
-logger = logging.getLogger(__name__)
 
 OBJECT_TEMPLATES = ("a photo of a {}.", "a cropped photo of a {}.", "a close-up photo of a {}.")
 """Prompt templates averaged into one text embedding per phrase (CLIP was trained on captions)."""
@@ -65,19 +61,12 @@ def load_clip(
     the same policy as `load_segmenter`.
     """
     from promptseg.clip.openclip import DEFAULT_CLIP
-    from promptseg.plugins import registry
+    from promptseg.plugins import load_backend
 
     if model in (None, True):
         model = os.environ.get("PROMPTSEG_CLIP") or DEFAULT_CLIP
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    spec = registry().scorer_for(str(model), backend)
-    logger.info("Loading CLIP %s with backend %s on %s (%s)", model, spec.name, torch_device, dtype_name(torch_dtype))
-    loaded = spec.load(str(model), device=torch_device, dtype=torch_dtype, **backend_options)
-    disk = None
-    if cache_dir is not False:
-        root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
-        disk = DiskCache(root / "clip")
+    loaded, _, _ = load_backend("scorer", str(model), device, dtype, backend, backend_options)
+    disk = open_disk_cache(cache_dir, folder="clip")
     return ClipScorer(loaded, EmbeddingCache(MemoryCache(256 * 1024**2), disk), model_name=str(model))
 
 

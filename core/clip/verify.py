@@ -27,6 +27,7 @@ import torch
 from promptseg.errors import OptionError
 from promptseg.masks import mask_iou
 from promptseg.results import Instance
+from promptseg.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
 
@@ -169,24 +170,14 @@ def resolve_exclusive(
     drops the rest; ``extra["label_probs"]`` records the vote.
     """
     count = len(instances)
-    parent = list(range(count))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    overlapping = UnionFind(count)
     for a in range(count):
         for b in range(a + 1, count):
             if instances[a].label != instances[b].label and mask_iou(instances[a], instances[b]) >= iou:
-                parent[root(a)] = root(b)
-    groups: dict[int, list[int]] = {}
-    for i in range(count):
-        groups.setdefault(root(i), []).append(i)
+                overlapping.union(a, b)
     probs = torch.softmax(logit_scale * crops @ label_texts.T, dim=-1)
     keep: dict[int, Instance] = {}
-    for members in groups.values():
+    for members in overlapping.groups():
         if len({instances[i].label for i in members}) < 2:
             for i in members:
                 keep[i] = instances[i]

@@ -15,14 +15,13 @@ model, `device` holds the `DeviceRedirect`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from promptseg.backends.protocol import BackendSpec
 from promptseg.errors import ModelLoadError
 from promptseg.hookspecs import hookimpl
-from promptseg.backends.protocol import BackendSpec
 
 if TYPE_CHECKING:  # torch loads with the model, not with `promptseg --help`
     import torch
@@ -122,15 +121,9 @@ def _download(repo: str, filename: str, revision: str | None, token: str | None)
 
 
 def _file_digest(path: Path) -> str:
-    """Size plus the first and last MiB of the checkpoint and its architecture file, if any."""
+    """The fingerprint of the checkpoint, then of its architecture file, if any."""
     from promptseg.backends.meta.model import arch_path
+    from promptseg.hub import weights_fingerprint
 
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{path.name}:{size}".encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    if arch_path(path).exists():
-        digest.update(arch_path(path).read_bytes())
-    return digest.hexdigest()[:24]
+    arch = arch_path(path)
+    return weights_fingerprint(path, *([arch.read_bytes()] if arch.exists() else []))
