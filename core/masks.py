@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from promptseg.results import Instance
+from promptseg.results import Instance, mask_to_polygons  # noqa: F401  (importable from here too, as before)
 
 # (y0, y1, x0, x1) region in pixels of the original image
 Region = tuple[int, int, int, int]
@@ -199,24 +199,3 @@ def postprocess(
     if max_instances is not None:
         cleaned = cleaned[:max_instances]
     return cleaned
-
-
-def mask_to_polygons(
-    mask: np.ndarray, offset: tuple[int, int] = (0, 0), tolerance: float = 0.0
-) -> list[np.ndarray]:
-    """Outer contours of a boolean mask as ``(K, 2)`` float arrays of ``(x, y)`` pixel vertices."""
-    import cv2
-
-    contours, _ = cv2.findContours(
-        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
-    polygons = []
-    for contour in contours:
-        if tolerance > 0:
-            contour = cv2.approxPolyDP(contour, tolerance, True)
-        if len(contour) < 3:
-            continue
-        points = contour.reshape(-1, 2).astype(np.float64)
-        points += np.asarray(offset, dtype=np.float64)
-        polygons.append(points)
-    return polygons

@@ -142,8 +142,6 @@ class SegmentationResult:
         One list per instance (an instance in several pieces has several polygons).
         `tolerance` > 0 simplifies each contour (Douglas-Peucker, in pixels).
         """
-        from promptseg.masks import mask_to_polygons
-
         return [mask_to_polygons(inst.mask, inst.box[:2], tolerance) for inst in self.instances]
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +164,27 @@ class SegmentationResult:
                 for inst, coco in zip(self.instances, self.to_coco())
             ],
         }
+
+
+def mask_to_polygons(
+    mask: np.ndarray, offset: tuple[int, int] = (0, 0), tolerance: float = 0.0
+) -> list[np.ndarray]:
+    """Outer contours of a boolean mask as ``(K, 2)`` float arrays of ``(x, y)`` pixel vertices."""
+    import cv2
+
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    polygons = []
+    for contour in contours:
+        if tolerance > 0:
+            contour = cv2.approxPolyDP(contour, tolerance, True)
+        if len(contour) < 3:
+            continue
+        points = contour.reshape(-1, 2).astype(np.float64)
+        points += np.asarray(offset, dtype=np.float64)
+        polygons.append(points)
+    return polygons
 
 
 def normalise_prompt(text: str) -> str:

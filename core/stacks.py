@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +36,6 @@ from promptseg.images import (
 )
 from promptseg.masks import mask_iou
 from promptseg.results import Instance, SegmentationResult, ensure_prompt_list
-
-if TYPE_CHECKING:
-    from promptseg.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +222,7 @@ class _LazyArraySlices:
 
 
 def segment_stack(
-    segmenter: Segmenter,
+    segmenter: Any,  # a promptseg.segmenter.Segmenter, not imported: the segmenter imports this module
     stack: Any,
     prompts: str | Sequence[str],
     *,
