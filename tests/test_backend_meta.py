@@ -304,7 +304,7 @@ def test_label_studio_backend_serves_this_model(make_meta, tmp_path):
     from PIL import Image
     from promptseg_labelstudio.app import create_app
     from promptseg_labelstudio.config import BackendConfig
-    from promptseg_labelstudio.model import PromptsegModel
+    from promptseg_labelstudio.model import PromptsegMLBackend
 
     rng = np.random.default_rng(3)
     image = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8)
@@ -312,7 +312,7 @@ def test_label_studio_backend_serves_this_model(make_meta, tmp_path):
     Image.fromarray(image).save(tmp_path / "a.png")
     seg = make_meta()
     config = BackendConfig(model="unused", device="cpu", threshold=0.0, document_root=tmp_path)
-    client = create_app(PromptsegModel(config, segmenter=seg)).test_client()
+    client = create_app(PromptsegMLBackend(config, segmenter=seg)).test_client()
     label_config = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
                     '<Label value="red square"/></BrushLabels></View>')
     body = {"tasks": [{"id": 1, "data": {"image": "a.png"}}], "project": "1.1", "label_config": label_config}
