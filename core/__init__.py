@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_segmenter": "promptseg.segmenter",
     "Segmenter": "promptseg.segmenter",
+    "SegmentOptions": "promptseg.options",
     "default_model": "promptseg.segmenter",
     "DEFAULT_MODEL": "promptseg.segmenter",
     "Instance": "promptseg.results",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from promptseg.clip.scorer import load_clip
     from promptseg.images import load_image
     from promptseg.results import Instance, SegmentationResult
+    from promptseg.options import SegmentOptions
     from promptseg.segmenter import DEFAULT_MODEL, Segmenter, default_model, load_segmenter
 
 
@@ -60,6 +62,7 @@ __all__ = [
     "OptionError",
     "PromptError",
     "PromptsegError",
+    "SegmentOptions",
     "SegmentationResult",
     "Segmenter",
     "default_model",

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import traceback
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,48 +116,78 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "hf-hub:ORG/REPO or local-dir:DIR; every instance gets clip_score and a fused score")
 
 
-def add_segment_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum instance score (default: %(default)s)")
-    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut (default: %(default)s)")
-    parser.add_argument("--min-area", type=int, default=0, help="drop masks smaller than this many pixels")
-    parser.add_argument("--smooth", type=int, default=0, help="close each mask with a disc of this radius (pixels)")
-    parser.add_argument("--max-instances", type=int, default=None, help="keep at most this many instances per image")
-    parser.add_argument("--verify", action="store_true", help="with --clip: drop instances CLIP does not confirm")
-    parser.add_argument("--clip-threshold", type=float, default=None,
-                        help="with --verify: minimum CLIPScore, 0..1 (default: 0.5)")
-    parser.add_argument("--negative", action="append", default=None, metavar="TEXT",
-                        help="with --clip: drop instances closer to this phrase than to their prompt; repeat for several")
-    parser.add_argument("--negative-margin", type=float, default=0.0,
-                        help="how much closer (cosine) a negative must be to drop an instance (default: %(default)s)")
-    parser.add_argument("--exclusive", action="store_true",
-                        help="with --clip: one label per object; CLIP picks among the prompts where masks overlap")
-    parser.add_argument("--tile", type=_tile_size, default=None, metavar="PX|auto",
-                        help="split large images into overlapping tiles of this many pixels ('auto': tile "
-                        "when much larger than the model input); objects cut by tiles are stitched")
-    parser.add_argument("--overlap", type=int, default=None, metavar="PX", help="tile overlap (default: tile / 8)")
-    parser.add_argument("--percentiles", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                        help="for 16-bit/float images: intensity percentiles mapped to black/white (default: 0.5 99.5)")
-    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
-                        help="for multichannel images: one to three channel indices shown to the model as RGB")
+ARGUMENT_SHAPES = {  # how an option reads on the command line; its default and help come from SegmentOptions
+    "tile": {"metavar": "PX|auto"},
+    "overlap": {"metavar": "PX"},
+    "percentiles": {"metavar": ("LOW", "HIGH")},
+    "channels": {"metavar": "C"},
+    "negative": {"metavar": "TEXT", "action": "append", "help_more": "; repeat for several"},
+}
 
 
-def _tile_size(value: str):
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tile takes a number of pixels or 'auto', not {value!r}") from None
+def add_segment_options(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """One argument per segment option (`names`, default all), built from `SegmentOptions.describe`.
+
+    Arguments left out of the command line stay out of the namespace, so `segment_options` applies
+    only what was given, on top of the defaults written in `promptseg.options`.
+    """
+    from promptseg.options import SegmentOptions, option_info
+
+    for name in SegmentOptions.names() if names is None else names:
+        info = option_info(name)
+        parser.add_argument(info.flag, dest=info.name, **option_argument(info))
 
 
-def pixel_options(args: argparse.Namespace) -> dict:
-    """How to turn scientific pixels into RGB (`load_image` / `segment_stack` options), only those set."""
-    options = {}
-    if getattr(args, "percentiles", None) is not None:
-        options["percentiles"] = tuple(args.percentiles)
-    if getattr(args, "channels", None) is not None:
-        options["channels"] = tuple(args.channels)
-    return options
+def option_argument(info) -> dict:
+    """`argparse` keywords for one `promptseg.options.OptionInfo`."""
+    shape = dict(ARGUMENT_SHAPES.get(info.name, {}))
+    keywords = {"default": argparse.SUPPRESS, "help": _cli_help(info) + shape.pop("help_more", "")}
+    if info.kind is bool:
+        return {**keywords, "action": "store_true"}
+    words = info.words + (("none",) if info.optional and info.default is not None else ())
+    keywords["type"] = _number_or_words(info.kind, words, info.flag) if words else info.kind
+    if isinstance(info.count, int):
+        keywords["nargs"] = info.count
+    elif info.count == "+" and shape.get("action") != "append":
+        keywords["nargs"] = "+"
+    return {**keywords, **shape}
+
+
+def _cli_help(info) -> str:
+    """The option's help as the command line says it: ``none`` is a word here, an unset option the default."""
+    text = info.help
+    if info.default is None:
+        text = text.replace("(None: ", "(default: ")
+    elif info.optional:
+        text = text.replace("(None: ", "('none': ")
+    if info.default is not None and info.default is not False and info.default != ():
+        shown = " ".join(map(str, info.default)) if isinstance(info.default, tuple) else info.default
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")
+
+
+def _number_or_words(kind: type, words: tuple[str, ...], flag: str):
+    """An argparse type taking a `kind` number or one of `words` (``none`` -> None)."""
+    noun = "number of pixels" if kind is int else "number"
+
+    def parse(value: str):
+        if value.lower() in words:
+            return None if value.lower() == "none" else value.lower()
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes a {noun} or {' or '.join(map(repr, words))}, not {value!r}"
+            ) from None
+
+    return parse
+
+
+def segment_options(args: argparse.Namespace):
+    """The `SegmentOptions` of a command line: the options given on it, the defaults for the rest."""
+    from promptseg.options import SegmentOptions
+
+    return SegmentOptions.from_flat(**{name: getattr(args, name) for name in SegmentOptions.names() if hasattr(args, name)})
 
 
 def load_from_args(args: argparse.Namespace):
@@ -165,31 +196,6 @@ def load_from_args(args: argparse.Namespace):
     cache_dir = False if getattr(args, "no_cache", False) else args.cache_dir
     return load_segmenter(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_dir,
                           clip=getattr(args, "clip", None), max_pixels=getattr(args, "max_pixels", None))
-
-
-def segment_options(args: argparse.Namespace) -> dict:
-    return {
-        "threshold": args.threshold,
-        "mask_threshold": args.mask_threshold,
-        "min_area": args.min_area,
-        "smooth": args.smooth,
-        "max_instances": args.max_instances,
-        **clip_options(args),
-        **{key: getattr(args, key) for key in ("tile", "overlap") if getattr(args, key, None) is not None},
-    }
-
-
-def clip_options(args: argparse.Namespace) -> dict:
-    """The CLIP options given on the command line (only those set, so callers without CLIP are unaffected)."""
-    options = {
-        "verify": getattr(args, "verify", False),
-        "clip_threshold": getattr(args, "clip_threshold", None),
-        "negative": getattr(args, "negative", None),
-        "negative_margin": getattr(args, "negative_margin", 0.0),
-        "exclusive": getattr(args, "exclusive", False),
-    }
-    defaults = {"verify": False, "clip_threshold": None, "negative": None, "negative_margin": 0.0, "exclusive": False}
-    return {key: value for key, value in options.items() if value is not defaults[key] and value != defaults[key]}
 
 
 def distinct_files(images: list[str]) -> tuple[list[str], list[str]]:
@@ -271,10 +277,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from promptseg.errors import ImageError
     from promptseg.results import ensure_prompt_list
-    from promptseg.segmenter import check_options
 
     ensure_prompt_list(args.prompts)
-    check_options(args.threshold, args.mask_threshold, args.min_area, args.smooth, args.max_instances)
+    options = segment_options(args)  # a bad option fails before the model loads
     images, repeated = distinct_files(args.images)
     stems = output_stems(images, args.out)
     kind = "stack" if args.stack else args.format
@@ -283,7 +288,6 @@ def run_segment(args: argparse.Namespace) -> int:
     for path in repeated:
         print(f"{path} was given more than once: segmented once", file=sys.stderr)
     segmenter = load_from_args(args)
-    options = segment_options(args)
     coco = CocoWriter(args.prompts)
     failed = []
     bar = tqdm(images, desc="Segmenting", unit="image", disable=None)
@@ -314,12 +318,14 @@ def run_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def segment_file(segmenter, path: str, args: argparse.Namespace, options: dict):
-    """The image's RGB pixels (for the overlay) and its result."""
+def segment_file(segmenter, path: str, args: argparse.Namespace, options):
+    """The image's RGB pixels (for the overlay) and its result, for one `SegmentOptions`."""
     from promptseg.images import load_image
+    from promptseg.options import PixelOptions
 
-    rgb = load_image(path, max_pixels=segmenter.max_pixels, **pixel_options(args))
-    return rgb, segmenter.segment(rgb, args.prompts, **options)
+    pixels = options.pixels
+    rgb = load_image(path, pixels.percentiles, pixels.channels, max_pixels=segmenter.max_pixels)
+    return rgb, segmenter.segment(rgb, args.prompts, options.replace(pixels=PixelOptions()))
 
 
 def write_result(path: str, rgb, result, stem: Path, kind: str) -> None:
@@ -360,7 +366,7 @@ class CocoWriter:
         return {"images": self.images, "annotations": self.annotations, "categories": categories}
 
 
-def write_stack(segmenter, path: str, stem: Path, args: argparse.Namespace, options: dict) -> None:
+def write_stack(segmenter, path: str, stem: Path, args: argparse.Namespace, options) -> None:
     """Segment a multi-page TIFF slice by slice; write its label volume as ``STEM.labels.tif``."""
     import tifffile
     from tqdm import tqdm
@@ -372,8 +378,7 @@ def write_stack(segmenter, path: str, stem: Path, args: argparse.Namespace, opti
         bar.update(advance)
 
     link = args.link if args.link is not None else False
-    result = segmenter.segment_stack(path, args.prompts, axes=args.axes, link=link, progress=progress,
-                                     **pixel_options(args), **options)
+    result = segmenter.segment_stack(path, args.prompts, options, axes=args.axes, link=link, progress=progress)
     bar.close()
     volume = result.to_label_volume(dtype="uint16" if result.num_objects < 65536 else "int32")
     with output_errors(path, args.out):

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 
 from promptseg.errors import ImageError, OptionError
+from promptseg.options import PixelOptions, check_percentiles
 
 logger = logging.getLogger(__name__)
 
 ImageLike = "str | os.PathLike | PIL.Image.Image | np.ndarray"
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".ome.tif", ".ome.tiff"}
-DEFAULT_PERCENTILES = (0.5, 99.5)
+DEFAULT_PERCENTILES = PixelOptions().percentiles
 DEFAULT_MAX_PIXELS = 2**28
 """Decoded pixels allowed per image plane (268 M, e.g. 16384 x 16384) unless raised."""
 MAX_PIXELS_ENV = "PROMPTSEG_MAX_PIXELS"
@@ -331,11 +332,7 @@ def intensity_limits(
     Without `channel_axis` all pixels form one channel (one row). Arrays above ~4M pixels are
     sampled on a regular stride first, so the caller's array is neither copied nor changed.
     """
-    low_p, high_p = percentiles
-    if not 0 <= low_p < high_p <= 100:
-        raise OptionError(
-            f"percentiles={percentiles} is not a valid range: use (low, high) with 0 <= low < high <= 100."
-        )
+    low_p, high_p = check_percentiles(percentiles)
     array = np.asarray(array)
     if channel_axis is not None:
         array = np.moveaxis(array, channel_axis, -1)

@@ -7,10 +7,12 @@ post-processing -> `SegmentationResult`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +30,12 @@ from promptseg.cache import (
 )
 from promptseg.device import dtype_name
 from promptseg.errors import CancelledError, ImageError, OptionError
-from promptseg.images import DEFAULT_PERCENTILES, load_image, pixel_hash, resolve_max_pixels
+from promptseg.images import load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
-from promptseg.results import SegmentationResult, ensure_prompt_list
-from promptseg.stacks import StackResult
 from promptseg.clip.verify import plan_clip
+from promptseg.options import PixelOptions, SegmentOptions, resolve_options
+from promptseg.results import SegmentationResult, ensure_prompt_list
+from promptseg.stacks import StackResult, segment_stack
 from promptseg.tiling import resolve_tiling, segment_tiled
 
 logger = logging.getLogger(__name__)
@@ -156,31 +159,19 @@ class Segmenter:
         self,
         image: Any,
         prompts: str | Sequence[str],
-        threshold: float = 0.5,
-        mask_threshold: float = 0.5,
-        min_area: int = 0,
-        smooth: int = 0,
-        max_instances: int | None = None,
+        options: SegmentOptions | None = None,
         *,
-        iou_threshold: float | None = 0.7,
-        cross_prompt_iou: float | None = 0.9,
         exemplars: Sequence[Sequence[float]] | None = None,
         exemplar_labels: Sequence[int] | None = None,
-        tile: int | str | None = None,
-        overlap: int | None = None,
-        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
-        channels: Sequence[int] | None = None,
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
-        verify: bool = False,
-        clip_threshold: float | None = None,
-        negative: str | Sequence[str] | None = None,
-        negative_margin: float = 0.0,
-        exclusive: bool = False,
+        **flat: Any,
     ) -> SegmentationResult:
         """Find every instance of each prompt in `image`.
 
-        `image` is a path, PIL image or array (HxW or HxWxC, uint8/uint16/int/float).
+        `image` is a path, PIL image or array (HxW or HxWxC, uint8/uint16/int/float). `options`
+        is a `SegmentOptions`; options given by name (``threshold=0.3, tile="auto"``, see
+        `SegmentOptions.describe`) change it or, without it, the defaults:
         `threshold` keeps instances whose score (detection x presence) is above it;
         `mask_threshold` binarises mask probabilities; `min_area` drops smaller masks (pixels);
         `smooth` closes each mask with a disc of that radius; `max_instances` keeps the best N.
@@ -202,15 +193,22 @@ class Segmenter:
         object one label of the prompt set. Non-English prompts are mapped to English phrases
         with a multilingual CLIP.
         """
+        options = _options(options, flat)
         phrases = ensure_prompt_list(prompts)
         exemplars, exemplar_labels = check_exemplars(exemplars, exemplar_labels)
-        clip_plan = plan_clip(self.clip, phrases, verify, clip_threshold, negative, negative_margin, exclusive)
+        clip = options.clip
+        clip_plan = plan_clip(self.clip, phrases, clip.verify, clip.clip_threshold, clip.negative,
+                              clip.negative_margin, clip.exclusive)
+        decoding, cleanup = options.decoding, options.cleanup
+        threshold, mask_threshold = decoding.threshold, decoding.mask_threshold
+        min_area, smooth, max_instances = cleanup.min_area, cleanup.smooth, cleanup.max_instances
+        iou_threshold, cross_prompt_iou = cleanup.iou_threshold, cleanup.cross_prompt_iou
         if clip_plan is not None:
             phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
-        check_options(threshold, mask_threshold, min_area, smooth, max_instances, iou_threshold, cross_prompt_iou)
-        rgb = load_image(image, percentiles=percentiles, channels=channels, max_pixels=self.max_pixels)
+        rgb = load_image(image, percentiles=options.pixels.percentiles, channels=options.pixels.channels,
+                         max_pixels=self.max_pixels)
         source = str(image) if isinstance(image, (str, os.PathLike)) else None
-        grid = resolve_tiling(tile, overlap, rgb.shape[:2], self.backend.input_size)
+        grid = resolve_tiling(options.tiling.tile, options.tiling.overlap, rgb.shape[:2], self.backend.input_size)
         if grid is not None:
             result = segment_tiled(
                 self, rgb, phrases, tile=grid[0], overlap=grid[1], threshold=threshold,
@@ -255,7 +253,10 @@ class Segmenter:
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
         skip_errors: bool = True,
-        **options: Any,
+        options: SegmentOptions | None = None,
+        exemplars: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
+        **flat: Any,
     ) -> Iterator[SegmentationResult]:
         """Segment many images with the same prompts, yielding one result per image in order.
 
@@ -263,7 +264,9 @@ class Segmenter:
         pixel budget...) yields a result whose `error` names the problem and whose `instances` is
         empty, and the run goes on; setup errors (bad prompt or option) are raised at once.
         `progress(total, advance)` and `cancel()` let hosts show progress and stop between images.
+        `options` and the options given by name are those of `segment`, checked once before any image.
         """
+        options = _options(options, flat)
         phrases = ensure_prompt_list(prompts)
         images = list(images) if not isinstance(images, list) else images
         if progress:
@@ -272,7 +275,7 @@ class Segmenter:
             if cancel is not None and cancel():
                 raise CancelledError("Segmentation was cancelled.")
             try:
-                yield self.segment(image, phrases, **options)
+                yield self.segment(image, phrases, options, exemplars=exemplars, exemplar_labels=exemplar_labels)
             except ImageError as exc:
                 if not skip_errors:
                     raise
@@ -289,13 +292,16 @@ class Segmenter:
         self,
         stack: Any,
         prompts: str | Sequence[str],
+        options: SegmentOptions | None = None,
         *,
         axes: str | None = None,
         link: bool | float = False,
         normalize: str = "stack",
+        exemplars: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
-        **options: Any,
+        **flat: Any,
     ) -> StackResult:
         """Segment each slice of a Z-stack or time series; optionally link instances into 3D objects.
 
@@ -304,16 +310,22 @@ class Segmenter:
         None; TIFF files use their recorded axes). `link` (True, or a mask IoU in (0, 1]; True
         means 0.3) gives an instance the id of the same-label instance it overlaps most in the
         previous slice. `normalize` ``"stack"`` scales intensities with one percentile range for
-        the whole stack, ``"slice"`` per slice. Other options (`percentiles`, `channels`,
-        `tile`, `threshold`, ...) are those of `segment`. `progress(total, advance)` counts
-        slices; `cancel()` is checked before each slice. Returns a `StackResult`
-        (``.slices``, ``.object_ids``, ``.to_label_volume()``).
+        the whole stack, ``"slice"`` per slice. `options` and the options given by name
+        (`percentiles`, `channels`, `tile`, `threshold`, ...) are those of `segment`.
+        `progress(total, advance)` counts slices; `cancel()` is checked before each slice.
+        Returns a `StackResult` (``.slices``, ``.object_ids``, ``.to_label_volume()``).
         """
-        from promptseg.stacks import segment_stack
+        options = _options(options, flat)
+        phrases = ensure_prompt_list(prompts)
+        exemplars, exemplar_labels = check_exemplars(exemplars, exemplar_labels)
+        per_slice = dataclasses.replace(options, pixels=PixelOptions())  # slices arrive as RGB already
+
+        def segment_slice(rgb: np.ndarray) -> SegmentationResult:
+            return self.segment(rgb, phrases, per_slice, exemplars=exemplars, exemplar_labels=exemplar_labels)
 
         return segment_stack(
-            self, stack, prompts, axes=axes, link=link, normalize=normalize, progress=progress,
-            cancel=cancel, **options,
+            stack, phrases, segment_slice, options.pixels, axes=axes, link=link, normalize=normalize,
+            max_pixels=self.max_pixels, progress=progress, cancel=cancel,
         )
 
     def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
@@ -475,33 +487,25 @@ def _whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_options(
-    threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    min_area: int = 0,
-    smooth: int = 0,
-    max_instances: int | None = None,
-    iou_threshold: float | None = 0.7,
-    cross_prompt_iou: float | None = 0.9,
-) -> None:
-    """Raise `OptionError` for an out-of-range `segment` option; hosts validate forms with it before a run."""
-    def unit(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-            raise OptionError(f"{name} must be a number between 0 and 1, got {value!r}.")
-
-    unit("threshold", threshold)
-    unit("mask_threshold", mask_threshold)
-    if mask_threshold in (0, 1):
-        raise OptionError("mask_threshold must be strictly between 0 and 1 (0.5 is usual).")
-    unit("iou_threshold", iou_threshold, allow_none=True)
-    unit("cross_prompt_iou", cross_prompt_iou, allow_none=True)
-    for name, value in (("min_area", min_area), ("smooth", smooth)):
-        if not _whole(value) or value < 0:
-            raise OptionError(f"{name} must be a whole number of pixels >= 0, got {value!r}.")
-    if max_instances is not None and (not _whole(max_instances) or max_instances < 1):
-        raise OptionError(f"max_instances must be None or a whole number >= 1, got {max_instances!r}.")
+def check_options(**flat: Any) -> SegmentOptions:
+    """The `SegmentOptions` of flat option names, or an `OptionError` for an unknown name or a value
+    out of range; hosts validate forms with it before a run (see `SegmentOptions.from_flat`)."""
+    return SegmentOptions.from_flat(**flat)
 
 
-__all__ = ["DEFAULT_MODEL", "Segmenter", "check_exemplars", "check_options", "default_model", "load_segmenter"]
+def _options(options: Any, flat: dict[str, Any]) -> SegmentOptions:
+    """`segment`'s options: a `SegmentOptions` (or dict, or None) with the options given by name on top.
+
+    A number where the options go is the threshold of the old positional form
+    ``segment(image, prompts, 0.3)``: it still works, with a `DeprecationWarning`.
+    """
+    if isinstance(options, numbers.Real) and not isinstance(options, bool):
+        warnings.warn(
+            "segment(image, prompts, threshold) with the threshold by position is deprecated: pass "
+            "threshold=... by name, or a SegmentOptions.", DeprecationWarning, stacklevel=3,
+        )
+        options, flat = None, {"threshold": options, **flat}
+    return resolve_options(options, flat)
+
+
+__all__ = ["DEFAULT_MODEL", "SegmentOptions", "Segmenter", "check_exemplars", "check_options", "default_model", "load_segmenter"]

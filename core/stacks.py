@@ -3,8 +3,9 @@
 A stack is an array (or a multi-page / OME-TIFF file, or a list of images) with one slice axis
 (Z or T), optionally a channel axis, then Y and X. Slices are read as views, one at a time, and
 scaled to 8 bits with one intensity range for the whole stack (so a dim slice stays dim and
-linking compares like with like). Each slice goes through `Segmenter.segment`, so tiling, the
-embedding cache and every option work per slice. Linking joins an instance to the instance of
+linking compares like with like). Each slice goes to the segmentation callable it is given
+(`Segmenter.segment_stack` passes its own `segment` of one RGB image), so tiling, the embedding
+cache and every option work per slice; this module never calls back into the segmenter. Linking joins an instance to the instance of
 the same label in the previous slice that it overlaps most (mask IoU, one-to-one), giving each
 3D object one id through the stack.
 
@@ -27,7 +28,6 @@ import numpy as np
 
 from promptseg.errors import CancelledError, ImageError, OptionError
 from promptseg.images import (
-    DEFAULT_PERCENTILES,
     check_pixel_budget,
     check_tiff_budget,
     intensity_limits,
@@ -35,7 +35,8 @@ from promptseg.images import (
     to_rgb8,
 )
 from promptseg.masks import mask_iou
-from promptseg.results import Instance, SegmentationResult, ensure_prompt_list
+from promptseg.options import PixelOptions
+from promptseg.results import Instance, SegmentationResult
 
 logger = logging.getLogger(__name__)
 
@@ -222,31 +223,32 @@ class _LazyArraySlices:
 
 
 def segment_stack(
-    segmenter: Any,  # a promptseg.segmenter.Segmenter, not imported: the segmenter imports this module
     stack: Any,
-    prompts: str | Sequence[str],
+    phrases: list[str],
+    segment_slice: Callable[[np.ndarray], SegmentationResult],
+    pixels: PixelOptions = PixelOptions(),
     *,
     axes: str | None = None,
     link: bool | float = False,
     normalize: str = "stack",
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
-    channels: Sequence[int] | None = None,
+    max_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-    **options: Any,
 ) -> StackResult:
-    """Segment every slice of `stack` with `prompts`; see `Segmenter.segment_stack`."""
-    phrases = ensure_prompt_list(prompts)
+    """Segment every slice of `stack` with `segment_slice(rgb) -> SegmentationResult`, then link.
+
+    `pixels` turns each slice into RGB (one intensity range for the whole stack with
+    ``normalize="stack"``); `phrases` label the results of slices that cannot be used. See
+    `Segmenter.segment_stack`, which passes its own segmentation of one RGB image.
+    """
     link_iou = _link_threshold(link)
     if normalize not in ("stack", "slice"):
         raise OptionError(f"normalize must be 'stack' or 'slice', got {normalize!r}.")
-    for name in ("progress", "cancel"):
-        options.pop(name, None)
-    slices, layout = open_stack(stack, axes, max_pixels=segmenter.max_pixels)
+    slices, layout = open_stack(stack, axes, max_pixels=max_pixels)
     total = len(slices)
     limits = None
     if normalize == "stack" and isinstance(slices, (np.ndarray, _LazyArraySlices)) and slices.dtype != np.uint8:
-        limits = _stack_limits(slices, percentiles, channels)
+        limits = _stack_limits(slices, pixels.percentiles, pixels.channels)
     if progress:
         progress(total, 0)
     results: list[SegmentationResult] = []
@@ -257,9 +259,9 @@ def segment_stack(
         if cancel is not None and cancel():
             raise CancelledError(f"Stack segmentation was cancelled after {index} of {total} slices.")
         try:
-            rgb = to_rgb8(slices[index], percentiles=percentiles, channels=_channels(channels), limits=limits)
+            rgb = to_rgb8(slices[index], percentiles=pixels.percentiles, channels=pixels.channels, limits=limits)
             _check_slice_size(rgb.shape[:2], size, index)
-            result = segmenter.segment(rgb, phrases, **options)
+            result = segment_slice(rgb)
             size = size or tuple(rgb.shape[:2])
         except ImageError as exc:
             logger.warning("Skipping slice %d of the stack: %s", index, exc)
@@ -282,10 +284,6 @@ def segment_stack(
         slices=results, object_ids=object_ids, axes=layout, linked=link_iou is not None,
         info={"link_iou": link_iou, "normalize": normalize},
     )
-
-
-def _channels(channels):
-    return tuple(channels) if channels is not None else None
 
 
 def _link_threshold(link: bool | float) -> float | None:
@@ -332,7 +330,7 @@ def _stack_limits(slices: np.ndarray | _LazyArraySlices, percentiles, channels) 
         if channels is None:
             sample = sample[..., :3]  # what to_rgb8 shows by default (RGBA loses alpha)
         else:
-            picked = _channels(channels)
+            picked = channels
             if any(not 0 <= c < sample.shape[-1] for c in picked):
                 raise OptionError(
                     f"channels={picked} does not fit a stack with {sample.shape[-1]} channels: "

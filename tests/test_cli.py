@@ -140,3 +140,33 @@ def test_label_png_with_too_many_instances_asks_for_another_format(tmp_path):
     with pytest.raises(OptionError, match="use --format coco or json"):
         save_png(labels, tmp_path / "x.labels.png")
     assert not (tmp_path / "x.labels.png").exists()
+
+
+def test_segment_options_come_from_segment_options_defaults_and_help():
+    """Every option has its flag; unset flags keep SegmentOptions' defaults; set ones reach it unchanged."""
+    from promptseg.cli import build_parser, segment_options
+    from promptseg.options import SegmentOptions
+
+    parser = build_parser()
+    plain = parser.parse_args(["segment", "x.png", "-p", "cat"])
+    assert segment_options(plain) == SegmentOptions()
+    given = parser.parse_args([
+        "segment", "x.png", "-p", "cat", "--threshold", "0.25", "--mask-threshold", "0.4", "--min-area", "12",
+        "--smooth", "2", "--max-instances", "3", "--iou-threshold", "none", "--cross-prompt-iou", "0.5",
+        "--tile", "128", "--overlap", "20", "--percentiles", "1", "99", "--channels", "2", "1", "0", "--verify",
+        "--clip-threshold", "0.6", "--negative", "toy car", "--negative-margin", "0.1", "--exclusive",
+    ])
+    options = segment_options(given)
+    assert options.changed() == {
+        "threshold": 0.25, "mask_threshold": 0.4, "min_area": 12, "smooth": 2, "max_instances": 3,
+        "iou_threshold": None, "cross_prompt_iou": 0.5, "tile": 128, "overlap": 20, "percentiles": (1.0, 99.0),
+        "channels": (2, 1, 0), "verify": True, "clip_threshold": 0.6, "negative": ("toy car",),
+        "negative_margin": 0.1, "exclusive": True,
+    }
+    assert set(options.changed()) == set(SegmentOptions.names())  # the command line reaches every option
+    done = subprocess.run([sys.executable, "-m", "promptseg.cli", "segment", "--help"],
+                          capture_output=True, text=True, check=True)
+    text = " ".join(done.stdout.split())
+    for info in SegmentOptions.describe():
+        assert info.flag in text
+    assert "(default: 0.5)" in text and "(default: 0.5 99.5)" in text and "('none': keep both) (default: 0.7)" in text

@@ -26,13 +26,12 @@ import torch
 
 from promptseg.errors import OptionError
 from promptseg.masks import mask_iou
+from promptseg.options import DEFAULT_CLIP_THRESHOLD
 from promptseg.results import Instance
 from promptseg.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP_THRESHOLD = 0.5
-"""CLIPScore below which `verify=True` drops an instance (cosine 0.2)."""
 EXCLUSIVE_IOU = 0.5
 """Masks of different prompts overlapping at least this much (IoU) claim the same object."""
 CLIPSCORE_WEIGHT = 2.5
