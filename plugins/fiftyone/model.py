@@ -18,6 +18,8 @@ from typing import Any
 
 import fiftyone.core.models as fom
 
+from promptseg.options import PixelOptions, SegmentOptions
+
 from promptseg_fiftyone.convert import (
     DEFAULT_MASK_PATH_MIN_PIXELS,
     add_class_ids,
@@ -39,7 +41,8 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
     `prompts` are used for every sample; `prompt_field` (or ``apply_model(...,
     prompt_field=...)``) adds per-sample prompts from a string, list of strings, or
     Classification(s)/Detections field; `exemplar_field` (Detections) supplies example boxes.
-    `options` go to `Segmenter.segment` (threshold, mask_threshold, min_area, ...). Masks of
+    `options` (a `SegmentOptions`) and the options given by name (any `SegmentOptions` field:
+    threshold, mask_threshold, min_area, tile, ...) go to `Segmenter.segment`. Masks of
     images with at least `mask_path_min_pixels` pixels are written under `mask_dir` as PNG files.
 
     An image over the segmenter's pixel budget (``max_pixels``, `PROMPTSEG_MAX_PIXELS`), or that
@@ -59,7 +62,8 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         mask_dir: str | os.PathLike | None = None,
         mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
         output: str = "detections",
-        **options: Any,
+        options: SegmentOptions | None = None,
+        **flat: Any,
     ) -> None:
         from promptseg.results import ensure_prompt_list
         from promptseg.sessions import shared_segmenter
@@ -69,9 +73,8 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
         self.output = check_output(output)
         self.class_ids = add_class_ids({}, self.prompts)
+        self.options = check_segment_options(options=options, **flat)  # a typo fails here, not once per sample
         self.segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
-        check_segment_options(self.segmenter, options)  # a typo fails here, not once per sample
-        self.options = options
         self.mask_dir = mask_dir
         self.mask_path_min_pixels = mask_path_min_pixels
         self._default_fields = {
@@ -122,7 +125,8 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         if sample is not None and hasattr(arg, "shape"):
             # apply_model decoded the sample's file itself: hold it to the budget a file read would have.
             check_pixel_budget(arg.shape[0], arg.shape[1], max_pixels, sample.filepath)
-        rgb = load_image(arg, max_pixels=max_pixels)
+        pixels = self.options.pixels
+        rgb = load_image(arg, max_pixels=max_pixels, percentiles=pixels.percentiles, channels=pixels.channels)
         fields = self.needs_fields
         phrases = list(self.prompts)
         if sample is not None and fields.get("prompt_field"):
@@ -134,7 +138,9 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         exemplars = []
         if sample is not None and fields.get("exemplar_field"):
             exemplars = exemplars_from_value(sample[fields["exemplar_field"]], rgb.shape[:2], fields["exemplar_field"])
-        result = self.segmenter.segment(rgb, phrases, exemplars=exemplars or None, **self.options)
+        # `rgb` is already RGB: the pixel options were used by load_image above
+        options = self.options.replace(pixels=PixelOptions())
+        result = self.segmenter.segment(rgb, phrases, options=options, exemplars=exemplars or None)
         stem = sample.id if sample is not None else uuid.uuid4().hex
         return to_label(result, self.output, phrases, self.class_ids, self.mask_dir or _default_mask_dir(), stem,
                         self.mask_path_min_pixels)

@@ -16,7 +16,8 @@ import time
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from promptseg.errors import PromptsegError
+from promptseg.errors import OptionError, PromptsegError
+from promptseg.options import SegmentOptions, option_info
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 OUTPUT_CHOICES = {
@@ -25,6 +26,15 @@ OUTPUT_CHOICES = {
     "polylines": "Polylines (instance polygons)",
 }
 PROMPT_TYPES = ("StringField", "ListField", "Classification", "Classifications", "Detections")
+FORM_OPTIONS = {
+    "threshold": "Score threshold",
+    "mask_threshold": "Mask threshold",
+    "min_area": "Minimum area (pixels)",
+    "smooth": "Mask smoothness (pixels)",
+    "max_instances": "Maximum instances per image",
+}
+"""The `SegmentOptions` the App's form shows (defaults, ranges and help come from the core); the
+Python call and ``segment_samples`` take every option."""
 
 
 class SegmentWithText(foo.Operator):
@@ -73,10 +83,7 @@ class SegmentWithText(foo.Operator):
         problem = _label_field_problem(ctx, ctx.params.get("label_field", "promptseg"), output)
         if problem:
             label_field.invalid, label_field.error_message = True, problem
-        inputs.float(
-            "threshold", default=0.5, min=0.0, max=1.0, label="Score threshold",
-            description="Keep instances scoring at least this (0-1).",
-        )
+        _option_input(inputs, ctx, "threshold")
         inputs.bool(
             "overwrite", default=False, label="Overwrite",
             description="Redo samples that already have the label field (otherwise they are skipped, "
@@ -101,9 +108,9 @@ class SegmentWithText(foo.Operator):
                 description="Detections whose boxes are examples of what to find.",
                 view=types.AutocompleteView(),
             )
-        inputs.float("mask_threshold", default=0.5, min=0.01, max=0.99, label="Mask threshold")
-        inputs.int("min_area", default=0, min=0, label="Minimum area (pixels)")
-        inputs.int("max_instances", required=False, min=1, label="Maximum instances per image")
+        for name in FORM_OPTIONS:
+            if name != "threshold":
+                _option_input(inputs, ctx, name)
         inputs.bool(
             "delegate", default=False, label="Delegate",
             description="Queue the run for a delegated-operations worker instead of running it now.",
@@ -114,12 +121,6 @@ class SegmentWithText(foo.Operator):
         from promptseg_fiftyone.runner import segment_samples
 
         params = ctx.params
-        options = {
-            "threshold": float(params.get("threshold", 0.5)),
-            "mask_threshold": float(params.get("mask_threshold", 0.5)),
-            "min_area": int(params.get("min_area") or 0),
-            "max_instances": params.get("max_instances") or None,
-        }
         try:
             summary = segment_samples(
                 ctx.target_view(),
@@ -132,7 +133,7 @@ class SegmentWithText(foo.Operator):
                 overwrite=bool(params.get("overwrite", False)),
                 output=params.get("output") or "detections",
                 progress=_ProgressReporter(ctx),
-                **options,
+                options=SegmentOptions.from_flat(**_options_in(params)),
             )
         except PromptsegError as exc:
             raise ValueError(str(exc)) from exc
@@ -155,36 +156,39 @@ class SegmentWithText(foo.Operator):
         prompts=None,
         label_field="promptseg",
         *,
-        threshold=0.5,
         model=None,
         device="auto",
         overwrite=False,
         prompt_field=None,
         exemplar_field=None,
-        mask_threshold=0.5,
-        min_area=0,
-        max_instances=None,
         output="detections",
         delegate=False,
         delegation_target=None,
+        options: SegmentOptions | None = None,
+        **flat,
     ):
-        """Run on a dataset or view from Python; ``delegate=True`` queues it instead."""
+        """Run on a dataset or view from Python; ``delegate=True`` queues it instead.
+
+        `options` (a `SegmentOptions`) and options by name (``threshold=0.3``, any
+        `SegmentOptions` field) are checked here, before anything is queued.
+        """
+        from promptseg_fiftyone.runner import check_segment_options
+
         if isinstance(prompts, str):
             prompts = [prompts]
+        chosen = check_segment_options(options=options, **flat).changed()
         params = {
             "prompts": list(prompts or []),
             "label_field": label_field,
-            "threshold": threshold,
             "model": model,
             "device": device,
             "overwrite": overwrite,
             "prompt_field": prompt_field,
             "exemplar_field": exemplar_field,
-            "mask_threshold": mask_threshold,
-            "min_area": min_area,
-            "max_instances": max_instances,
             "output": output,
             "delegate": delegate,
+            # params travel as JSON (a delegated run stores them): tuples become lists
+            **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()},
         }
         return foo.execute_operator(
             self.uri,
@@ -301,6 +305,41 @@ def _prompt_problem(prompts, prompt_field) -> str | None:
     except PromptsegError as exc:
         return str(exc)
     return None
+
+
+def _option_input(inputs, ctx, name: str) -> None:
+    """One form field for a core option: its default, range and help are the core's."""
+    info = option_info(name)
+    add = inputs.float if info.kind is float else inputs.int
+    limits = {key: value for key, value in (("min", info.minimum), ("max", info.maximum)) if value is not None}
+    field = add(name, default=info.default, required=False, label=FORM_OPTIONS[name],
+                description=info.help[:1].upper() + info.help[1:] + ".", **limits)
+    problem = _option_problem(name, ctx.params.get(name))
+    if problem:
+        field.invalid, field.error_message = True, problem
+
+
+def _option_problem(name: str, value) -> str | None:
+    """What the core says about one option's value (the form shows it next to the field)."""
+    if value is None:
+        return None
+    try:
+        SegmentOptions.from_flat(**{name: value})
+    except OptionError as exc:
+        return str(exc)
+    return None
+
+
+def _options_in(params: dict) -> dict:
+    """The core options among the params: the form's fields, or any option a Python call sent.
+
+    An empty form field (None) keeps the core's default, unless None is a value of that option
+    (``max_instances=None``: all; ``iou_threshold=None``: off).
+    """
+    return {
+        name: params[name] for name in SegmentOptions.names()
+        if name in params and (params[name] is not None or option_info(name).optional)
+    }
 
 
 def _label_field_problem(ctx, label_field, output="detections") -> str | None:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from promptseg.errors import ImageError, OptionError, PromptError
+from promptseg.options import PixelOptions, SegmentOptions, resolve_options
 from promptseg_fiftyone.convert import (
     DEFAULT_MASK_PATH_MIN_PIXELS,
     add_class_ids,
@@ -39,7 +40,6 @@ DEFAULT_BATCH_SIZE = 16
 MAX_REPORTED_FAILURES = 100
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _REPEAT_KEYS = ("prompts", "prompt_field", "exemplar_field", "options", "model")
-_READ_OPTIONS = ("percentiles", "channels")  # how a file becomes RGB: used where the runner reads it
 
 Progress = Callable[[int, int], None]
 """``progress(total, advance)``, the core's convention: once with ``advance=0`` to announce the
@@ -128,35 +128,26 @@ def check_source_field(samples, name: str | None, what: str, labels: Sequence[st
 
 
 # Arguments every run sets itself, per sample; never taken from the user's options.
-_SET_PER_SAMPLE = ("image", "prompts", "exemplars")
+_SET_PER_SAMPLE = ("image", "prompts", "exemplars", "exemplar_labels")
 
 
-def check_segment_options(segmenter, options: dict[str, Any]) -> None:
-    """Raise `OptionError` for an option `segmenter.segment` does not take or a value out of range.
+def check_segment_options(segmenter=None, options: SegmentOptions | dict[str, Any] | None = None,
+                          **flat: Any) -> SegmentOptions:
+    """The run's `SegmentOptions` from an options object and/or flat names; `OptionError` otherwise.
 
-    Checked once before a run, so a typo or ``threshold=2`` fails before any sample is touched.
+    Built once before a run, so a typo or ``threshold=2`` fails before any sample is touched.
+    The names and ranges are the core's (`SegmentOptions.from_flat`); only the per-sample inputs
+    (image, prompts, exemplars), which a run takes from the samples, are refused here.
+    `segmenter` is not needed any more and kept for old callers.
     """
-    import inspect
-
-    from promptseg.segmenter import check_options
-
-    per_sample = [name for name in options if name in _SET_PER_SAMPLE]
+    names = list(options) if isinstance(options, dict) else []
+    per_sample = [name for name in [*names, *flat] if name in _SET_PER_SAMPLE]
     if per_sample:
         raise OptionError(
             f"{per_sample[0]!r} cannot be an option: each sample's image is its filepath, its prompts come "
             "from prompts and prompt_field, its exemplar boxes from exemplar_field."
         )
-    parameters = inspect.signature(segmenter.segment).parameters
-    # A wrapper that forwards everything (**kwargs) leaves the names to the segmenter it wraps.
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        accepted = [name for name in parameters if name not in _SET_PER_SAMPLE]
-        unknown = [name for name in options if name not in accepted]
-        if unknown:
-            raise OptionError(
-                f"Unknown option {', '.join(map(repr, unknown))}: Segmenter.segment takes {', '.join(accepted)}."
-            )
-    ranged = inspect.signature(check_options).parameters
-    check_options(**{name: value for name, value in options.items() if name in ranged})
+    return resolve_options(options, flat)
 
 
 def segment_samples(
@@ -176,7 +167,8 @@ def segment_samples(
     mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
     output: str = "detections",
     progress: Progress | None = None,
-    **options: Any,
+    options: SegmentOptions | None = None,
+    **flat: Any,
 ) -> RunSummary:
     """Segment `samples` (a dataset or view) with text prompts into `label_field`.
 
@@ -189,8 +181,9 @@ def segment_samples(
     list of strings, or Classification(s)/Detections labels); `exemplar_field` (Detections) gives
     example boxes. Samples that already have `label_field` are skipped unless `overwrite`.
     Images with at least `mask_path_min_pixels` pixels get their masks as PNG files under
-    `mask_dir` (``None`` disables this; not used by polylines). `options` go to `Segmenter.segment` (threshold,
-    mask_threshold, min_area, smooth, max_instances, ...). Results are written every
+    `mask_dir` (``None`` disables this; not used by polylines). `options` (a `SegmentOptions`) and
+    the options given by name (every `SegmentOptions` field: threshold, mask_threshold, min_area,
+    smooth, max_instances, tile, channels, ...) go to `Segmenter.segment`. Results are written every
     `batch_size` samples. `progress(total, advance)` is told the number of samples to do, then
     each one done (see `Progress`).
     """
@@ -208,12 +201,12 @@ def segment_samples(
     if batch_size < 1:
         raise OptionError(f"batch_size must be at least 1, got {batch_size}.")
     check_output(output)
+    options = check_segment_options(options=options, **flat)
     exists = check_label_field(samples, label_field, output)
     check_source_field(samples, prompt_field, "prompt field")
     check_source_field(samples, exemplar_field, "exemplar field", EXEMPLAR_LABELS)
     dataset = samples._dataset
     segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
-    check_segment_options(segmenter, options)
     resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
 
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
@@ -274,8 +267,9 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
         if not phrases:
             summary.no_prompts += 1
             return None
-        reading = {name: options[name] for name in _READ_OPTIONS if name in options}
-        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None), **reading)
+        pixels = options.pixels  # how the file becomes RGB: read here, so a bad file fails only its sample
+        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None),
+                         percentiles=pixels.percentiles, channels=pixels.channels)
         exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
     except (ImageError, PromptError, OptionError) as exc:
         summary.failed_count += 1
@@ -283,8 +277,7 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
             summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
         logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
         return None
-    options = {name: value for name, value in options.items() if name not in _READ_OPTIONS}
-    result = segmenter.segment(rgb, phrases, exemplars=exemplars or None, **options)
+    result = segmenter.segment(rgb, phrases, options.replace(pixels=PixelOptions()), exemplars=exemplars or None)
     return result, to_label(result, output, phrases, class_ids, mask_dir, sample.id, mask_path_min_pixels)
 
 
@@ -301,12 +294,17 @@ def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options
         prompts=list(fixed),
         prompt_field=prompt_field,
         exemplar_field=exemplar_field,
-        options={k: v for k, v in options.items() if isinstance(v, (bool, int, float, str, type(None)))},
+        options=_recorded(options),
         model=segmenter.describe()["model"],
         segmenter=segmenter.describe(),
         overwrite=bool(overwrite),
         output=output,
     )
+
+
+def _recorded(options: SegmentOptions) -> dict[str, Any]:
+    """The options that differ from the core's defaults, as the run record stores them (JSON)."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in options.changed().items()}
 
 
 def _warn_if_settings_changed(dataset, summary, config) -> None:

@@ -31,12 +31,12 @@ def clear_segmenters() -> None:
     clear_shared_segmenters()
 
 
-def check_segment_options(segmenter, options: dict[str, Any]) -> None:
+def check_segment_options(segmenter, options: dict[str, Any]):
     """Deprecated: moved to `promptseg_fiftyone.runner.check_segment_options`."""
     from promptseg_fiftyone.runner import check_segment_options as check
 
     _warn("check_segment_options", "promptseg_fiftyone.runner.check_segment_options")
-    check(segmenter, options)
+    return check(segmenter, options)
 
 
 def _warn(name: str, replacement: str) -> None:

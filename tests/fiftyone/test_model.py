@@ -82,3 +82,24 @@ def test_bad_options_fail_when_the_model_is_made(fo_segmenter):
         PromptsegModel(["red square"], segmenter=fo_segmenter, thresold=0.3)
     with pytest.raises(OptionError, match="threshold must be a number between 0 and 1, got 2"):
         PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=2)
+
+
+def test_options_object_or_names_reach_the_core(dataset, fo_segmenter):
+    from promptseg.options import SegmentOptions
+
+    options = SegmentOptions.from_flat(threshold=0.0, tile=64, min_area=3)
+    dataset.apply_model(PromptsegModel(["red square"], segmenter=fo_segmenter, options=options), "by_object")
+    dataset.apply_model(PromptsegModel(["red square"], segmenter=fo_segmenter, threshold=0.0, tile=64, min_area=3),
+                        "by_name")
+    for sample in dataset:
+        expected = fo_segmenter.segment(sample.filepath, ["red square"], options)
+        assert_matches_core(sample["by_object"], expected)
+        assert_matches_core(sample["by_name"], expected)
+
+
+def test_model_defaults_are_the_cores(fo_segmenter):
+    from promptseg.options import SegmentOptions
+
+    assert PromptsegModel(["red square"], segmenter=fo_segmenter).options == SegmentOptions()
+    assert PromptsegModel(["red square"], segmenter=fo_segmenter, options=SegmentOptions(), min_area=4).options == \
+        SegmentOptions.from_flat(min_area=4)

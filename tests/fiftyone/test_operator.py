@@ -89,6 +89,9 @@ def test_delegated_run_is_queued_then_executed(fo, operator, dataset, params, fo
         ({"label_field": "filepath"}, "already holds StringField, not Detections"),
         ({"label_field": "filepath", "output": "segmentation"}, "already holds StringField, not Segmentation"),
         ({"label_field": "metadata", "output": "polylines"}, "already holds ImageMetadata, not Polylines"),
+        ({"threshold": 2}, "threshold must be a number between 0 and 1, got 2"),
+        ({"min_area": -1}, "min_area must be a whole number of pixels >= 0, got -1"),
+        ({"mask_threshold": 1.0}, "mask_threshold must be strictly between 0 and 1"),
     ],
 )
 def test_form_errors_name_the_problem(fo, dataset, params, change, message):
@@ -161,3 +164,89 @@ def test_an_empty_dataset_runs_with_nothing_to_do(fo, params):
         assert (run.result["total"], run.result["processed"], run.result["failed_count"]) == (0, 0, 0)
     finally:
         dataset.delete()
+
+
+def _form(dataset, params):
+    """The operator's form as the App would build it for `params`."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    ctx = ExecutionContext(request_params={"dataset_name": dataset.name, "params": params})
+    return foo.get_operator(URI).resolve_input(ctx).type.properties
+
+
+def test_form_options_show_the_cores_defaults_ranges_and_help(dataset):
+    from promptseg.options import SegmentOptions, option_info
+    from promptseg_fiftyone.operators import FORM_OPTIONS
+
+    form = _form(dataset, {"prompts": ["car"]})
+    defaults = SegmentOptions().to_flat()
+    for name in FORM_OPTIONS:
+        info = option_info(name)
+        assert form[name].default == defaults[name], name
+        assert info.help[1:] in form[name].view.description, name
+        assert getattr(form[name].type, "min", None) == info.minimum, name
+    assert not form["threshold"].invalid
+    bad = _form(dataset, {"prompts": ["car"], "max_instances": 0})
+    assert bad["max_instances"].invalid and "max_instances must be None or a whole number >= 1" in bad["max_instances"].error_message
+
+
+def test_run_without_option_params_uses_the_cores_defaults(fo, dataset, params, fo_segmenter):
+    import fiftyone.operators as foo
+    from promptseg.options import SegmentOptions
+
+    bare = {name: value for name, value in params.items() if name != "threshold"}
+    foo.execute_operator(URI, ctx={"dataset": dataset, "params": bare})
+    info = dataset.get_run_info("promptseg_sam")
+    assert info.config.options == {}, "no option differs from SegmentOptions()"
+    for sample in dataset:  # (the random model scores under the default threshold: both are empty)
+        expected = fo_segmenter.segment(sample.filepath, PROMPTS, SegmentOptions())
+        assert [d.label for d in sample["sam"].detections] == [inst.label for inst in expected]
+
+
+def test_python_call_passes_any_core_option(operator, dataset, params, fo_segmenter):
+    from promptseg.options import SegmentOptions
+
+    operator(dataset, PROMPTS, "tiled", threshold=0.0, tile=64, iou_threshold=None, model=params["model"], device="cpu")
+    options = SegmentOptions.from_flat(threshold=0.0, tile=64, iou_threshold=None)
+    assert dataset.get_run_info("promptseg_tiled").config.options == {"threshold": 0.0, "tile": 64, "iou_threshold": None}
+    for sample in dataset:
+        assert_matches_core(sample["tiled"], fo_segmenter.segment(sample.filepath, PROMPTS, options))
+
+
+
+def test_delegated_run_keeps_an_options_object(fo, operator, dataset, params, fo_segmenter):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from promptseg.options import SegmentOptions
+
+    options = SegmentOptions.from_flat(threshold=0.0, channels=(2, 1, 0))  # the images' channels as BGR
+    assert operator(dataset, PROMPTS, "later", model=params["model"], device="cpu", delegate=True,
+                    options=options).delegated
+    DelegatedOperationService().execute_queued_operations(operator=URI, dataset_name=dataset.name)
+    dataset.reload()
+    for sample in dataset:
+        assert_matches_core(sample["later"], fo_segmenter.segment(sample.filepath, PROMPTS, options))
+
+
+def test_python_call_refuses_a_bad_option_before_queueing(fo, operator, dataset, params):
+    from promptseg.errors import OptionError
+
+    with pytest.raises(OptionError, match="Unknown option 'tiles'.*Did you mean 'tile'"):
+        operator(dataset, PROMPTS, "later", tiles=64, model=params["model"], device="cpu", delegate=True)
+    with pytest.raises(OptionError, match="threshold must be a number between 0 and 1, got 2"):
+        operator(dataset, PROMPTS, "later", threshold=2, model=params["model"], device="cpu", delegate=True)
+    assert not dataset.has_field("later")
+
+
+def test_the_docs_table_lists_every_option_and_the_forms_subset():
+    from pathlib import Path
+
+    from promptseg.options import SegmentOptions
+    from promptseg_fiftyone.operators import FORM_OPTIONS
+
+    rows = [line for line in (Path(__file__).parents[2] / "docs" / "fiftyone.md").read_text().splitlines()
+            if line.startswith("| `")]
+    listed = {name.strip("` ") for row in rows for name in row.split("|")[1].split(",")}
+    assert set(SegmentOptions.names()) <= listed
+    in_form = {name.strip("` ") for row in rows if "| no" not in row for name in row.split("|")[1].split(",")}
+    assert in_form & set(SegmentOptions.names()) == set(FORM_OPTIONS)

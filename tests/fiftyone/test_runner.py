@@ -273,3 +273,18 @@ def test_bad_requests_fail_before_any_work_with_clear_messages(fo, dataset, fo_s
     with pytest.raises(OptionError, match="max_instances must be None or a whole number >= 1, got 0"):
         segment_samples(dataset, ["car"], "sam", segmenter=fo_segmenter, max_instances=0)
     assert not dataset.has_field("sam")  # none of these started a run
+
+
+def test_options_object_and_names_give_the_same_run(dataset, fo_segmenter):
+    from promptseg.options import SegmentOptions
+
+    options = SegmentOptions.from_flat(threshold=0.0, smooth=1, cross_prompt_iou=None)
+    segment_samples(dataset, PROMPTS, "by_object", segmenter=fo_segmenter, options=options)
+    segment_samples(dataset, PROMPTS, "by_name", segmenter=fo_segmenter, threshold=0.0, smooth=1, cross_prompt_iou=None)
+    for sample in dataset:
+        expected = fo_segmenter.segment(sample.filepath, PROMPTS, options)
+        assert_matches_core(sample["by_object"], expected)
+        assert_matches_core(sample["by_name"], expected)
+    recorded = {"threshold": 0.0, "smooth": 1, "cross_prompt_iou": None}
+    assert dataset.get_run_info("promptseg_by_object").config.options == recorded
+    assert dataset.get_run_info("promptseg_by_name").config.options == recorded
