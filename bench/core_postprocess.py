@@ -49,12 +49,13 @@ def worker(method: str, size: int) -> None:
         count = len(result["masks"])
     else:
         from promptseg.masks import instances_from_probs, postprocess
+        from promptseg.options import CleanupOptions
 
         scores = out.pred_logits[0].sigmoid() * out.presence_logits[0].sigmoid()
         keep = scores > 0.5
         found = instances_from_probs(out.pred_masks[0][keep].sigmoid(), scores[keep], out.pred_boxes[0][keep],
                                      "object", (size, size), 0.5)
-        count = len(postprocess(found, (size, size), iou_threshold=None, cross_prompt_iou=None))
+        count = len(postprocess(found, (size, size), CleanupOptions(iou_threshold=None, cross_prompt_iou=None)))
     elapsed = time.perf_counter() - start
     print(json.dumps({"seconds": elapsed, "peak_rss": peak_rss_self(), "base_rss": base, "instances": count}))
 

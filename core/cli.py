@@ -288,6 +288,7 @@ def run_segment(args: argparse.Namespace) -> int:
     for path in repeated:
         print(f"{path} was given more than once: segmented once", file=sys.stderr)
     segmenter = load_from_args(args)
+    query = segmenter.query(args.prompts, options)
     coco = CocoWriter(args.prompts)
     failed = []
     bar = tqdm(images, desc="Segmenting", unit="image", disable=None)
@@ -297,7 +298,7 @@ def run_segment(args: argparse.Namespace) -> int:
             if kind == "stack":
                 write_stack(segmenter, path, stems[path], args, options)
                 continue
-            rgb, result = segment_file(segmenter, path, args, options)
+            rgb, result = segment_file(segmenter, path, query, options)
         except ImageError as exc:
             failed.append(path)
             tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
@@ -318,14 +319,10 @@ def run_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def segment_file(segmenter, path: str, args: argparse.Namespace, options):
-    """The image's RGB pixels (for the overlay) and its result, for one `SegmentOptions`."""
-    from promptseg.images import load_image
-    from promptseg.options import PixelOptions
-
-    pixels = options.pixels
-    rgb = load_image(path, pixels.percentiles, pixels.channels, max_pixels=segmenter.max_pixels)
-    return rgb, segmenter.segment(rgb, args.prompts, options.replace(pixels=PixelOptions()))
+def segment_file(segmenter, path: str, query, options):
+    """The image's RGB pixels (kept for the overlay) and its result: the segmenter's stages one by one."""
+    rgb = segmenter.load(path, options.pixels)
+    return rgb, segmenter.segment_rgb(rgb, query, options)
 
 
 def write_result(path: str, rgb, result, stem: Path, kind: str) -> None:

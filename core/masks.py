@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from promptseg.options import CleanupOptions, DecodingOptions
 from promptseg.results import Instance, mask_to_polygons  # noqa: F401  (importable from here too, as before)
 
 # (y0, y1, x0, x1) region in pixels of the original image
@@ -28,7 +29,7 @@ def instances_from_probs(
     boxes: torch.Tensor,
     label: str,
     image_size: tuple[int, int],
-    mask_threshold: float = 0.5,
+    mask_threshold: float = DecodingOptions.mask_threshold,
     phrase: str | None = None,
 ) -> list[Instance]:
     """Make instances from ``(Q, h, w)`` mask probabilities, ``(Q,)`` scores and ``(Q, 4)`` boxes.
@@ -178,24 +179,26 @@ def mask_nms(
     return kept
 
 
-def postprocess(
-    instances: list[Instance],
-    image_size: tuple[int, int],
-    smooth: int = 0,
-    min_area: int = 0,
-    iou_threshold: float | None = 0.7,
-    cross_prompt_iou: float | None = 0.9,
-    max_instances: int | None = None,
-) -> list[Instance]:
-    """Smooth, drop specks, de-duplicate within and across prompts, keep the best `max_instances`."""
+def clean(instances: list[Instance], image_size: tuple[int, int], cleanup: CleanupOptions) -> list[Instance]:
+    """Smooth each mask (`cleanup.smooth`) and drop specks (`cleanup.min_area`); no de-duplication."""
     cleaned = []
     for inst in instances:
-        if smooth:
-            inst = smooth_instance(inst, smooth, image_size)
-        if inst is not None and inst.area >= max(min_area, 1):
+        if cleanup.smooth:
+            inst = smooth_instance(inst, cleanup.smooth, image_size)
+        if inst is not None and inst.area >= max(cleanup.min_area, 1):
             cleaned.append(inst)
-    cleaned = mask_nms(cleaned, iou_threshold, per_label=True)
-    cleaned = mask_nms(cleaned, cross_prompt_iou, per_label=False)
-    if max_instances is not None:
-        cleaned = cleaned[:max_instances]
+    return cleaned
+
+
+def postprocess(
+    instances: list[Instance], image_size: tuple[int, int], cleanup: CleanupOptions | None = None
+) -> list[Instance]:
+    """Smooth, drop specks, de-duplicate within and across prompts, keep the best `max_instances`:
+    the post-processing stage, reading only its `CleanupOptions`."""
+    cleanup = cleanup or CleanupOptions()
+    cleaned = clean(instances, image_size, cleanup)
+    cleaned = mask_nms(cleaned, cleanup.iou_threshold, per_label=True)
+    cleaned = mask_nms(cleaned, cleanup.cross_prompt_iou, per_label=False)
+    if cleanup.max_instances is not None:
+        cleaned = cleaned[: cleanup.max_instances]
     return cleaned

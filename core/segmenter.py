@@ -1,13 +1,24 @@
 """`load_segmenter` and `Segmenter`: the public API every adapter calls.
 
-Flow, one way: image -> RGB pixels -> image embedding (memory cache, disk cache, else the
-encoder) -> text embeddings (cached per phrase) -> batched prompt decoding -> lean mask
-post-processing -> `SegmentationResult`.
+`Segmenter.segment` composes stages that each read only their part of `SegmentOptions` and
+hand their output forward; none calls back into an earlier one:
+
+    options   SegmentOptions.from_flat / replace           (promptseg.options: every default, every check)
+    query     prompts, exemplars -> Query                    (clip.verify.prompt_phrases: English phrases)
+    load      image -> RGB pixels              .pixels       (images.load_image)
+    embed     RGB -> image embedding                         (cache: memory, disk, else the encoder)
+    decode    embedding, phrases -> raw instances  .decoding (backend.decode, masks.instances_from_probs)
+    clean up  raw -> instances                 .cleanup      (masks.postprocess)
+      or, for a large image, per tile embed -> decode, then stitch and clean up   .tiling (tiling)
+    CLIP      instances -> checked instances   .clip         (clip.verify.check_with_clip)
+    result    SegmentationResult
+
+`Segmenter.detect` (embed + decode of one image or tile) is what `tiling` receives as a
+callable; `segment_stack` hands `stacks` a callable running `segment_rgb` on each slice.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import numbers
 import os
@@ -32,9 +43,9 @@ from promptseg.device import dtype_name
 from promptseg.errors import CancelledError, ImageError, OptionError
 from promptseg.images import load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
-from promptseg.clip.verify import plan_clip
-from promptseg.options import PixelOptions, SegmentOptions, resolve_options
-from promptseg.results import SegmentationResult, ensure_prompt_list
+from promptseg.clip.verify import check_with_clip, cleanup_for_clip, prompt_phrases
+from promptseg.options import CleanupOptions, DecodingOptions, PixelOptions, SegmentOptions, resolve_options
+from promptseg.results import Instance, SegmentationResult, ensure_prompt_list
 from promptseg.stacks import StackResult, segment_stack
 from promptseg.tiling import resolve_tiling, segment_tiled
 
@@ -194,47 +205,82 @@ class Segmenter:
         with a multilingual CLIP.
         """
         options = _options(options, flat)
-        phrases = ensure_prompt_list(prompts)
-        exemplars, exemplar_labels = check_exemplars(exemplars, exemplar_labels)
-        clip = options.clip
-        clip_plan = plan_clip(self.clip, phrases, clip.verify, clip.clip_threshold, clip.negative,
-                              clip.negative_margin, clip.exclusive)
-        decoding, cleanup = options.decoding, options.cleanup
-        threshold, mask_threshold = decoding.threshold, decoding.mask_threshold
-        min_area, smooth, max_instances = cleanup.min_area, cleanup.smooth, cleanup.max_instances
-        iou_threshold, cross_prompt_iou = cleanup.iou_threshold, cleanup.cross_prompt_iou
-        if clip_plan is not None:
-            phrases, cross_prompt_iou = clip_plan.phrases, clip_plan.cross_prompt_iou(cross_prompt_iou)
-        rgb = load_image(image, percentiles=options.pixels.percentiles, channels=options.pixels.channels,
-                         max_pixels=self.max_pixels)
-        source = str(image) if isinstance(image, (str, os.PathLike)) else None
-        grid = resolve_tiling(options.tiling.tile, options.tiling.overlap, rgb.shape[:2], self.backend.input_size)
-        if grid is not None:
-            result = segment_tiled(
-                self, rgb, phrases, tile=grid[0], overlap=grid[1], threshold=threshold,
-                mask_threshold=mask_threshold, min_area=min_area, smooth=smooth, max_instances=max_instances,
-                iou_threshold=iou_threshold, cross_prompt_iou=cross_prompt_iou, exemplars=exemplars,
-                exemplar_labels=exemplar_labels, progress=progress, cancel=cancel, source=source,
+        query = self.query(prompts, options, exemplars, exemplar_labels)  # checked before any pixel is read
+        return self._segment_image(image, query, options, progress, cancel)
+
+    def _segment_image(self, image, query: Query, options: SegmentOptions, progress=None, cancel=None):
+        rgb = self.load(image, options.pixels)
+        result = self.segment_rgb(rgb, query, options, progress=progress, cancel=cancel)
+        result.source = str(image) if isinstance(image, (str, os.PathLike)) else None
+        return result
+
+    def query(
+        self,
+        prompts: str | Sequence[str],
+        options: SegmentOptions | None = None,
+        exemplars: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
+    ) -> Query:
+        """The prompts stage: checked prompts and exemplars, and the phrases the model decodes
+        (non-English prompts mapped to English by a multilingual CLIP, see `prompt_phrases`)."""
+        labels = ensure_prompt_list(prompts)
+        boxes, box_labels = check_exemplars(exemplars, exemplar_labels)
+        mapping = prompt_phrases(self.clip, labels, (options or SegmentOptions()).clip)
+        return Query(labels, [mapping.get(p, p) for p in labels], mapping, boxes, box_labels)
+
+    def load(self, image: Any, pixels: PixelOptions | None = None) -> np.ndarray:
+        """The load stage: ``(H, W, 3)`` uint8 RGB of `image`, within this segmenter's pixel budget."""
+        pixels = pixels or PixelOptions()
+        return load_image(image, percentiles=pixels.percentiles, channels=pixels.channels, max_pixels=self.max_pixels)
+
+    def segment_rgb(
+        self,
+        rgb: np.ndarray,
+        query: Query,
+        options: SegmentOptions | None = None,
+        *,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> SegmentationResult:
+        """Every stage after loading, for RGB pixels (`load`) and a `query`: embed (cached) ->
+        decode -> post-process (whole, or per tile and stitched) -> CLIP checks -> result."""
+        options = options or SegmentOptions()
+        cleanup = cleanup_for_clip(options.cleanup, options.clip) if self.clip is not None else options.cleanup
+        grid = resolve_tiling(options.tiling, rgb.shape[:2], self.backend.input_size)
+
+        def detect(pixels: np.ndarray, boxes: np.ndarray | None, box_labels: np.ndarray | None):
+            return self.detect(pixels, query.phrases, options.decoding, boxes, box_labels)
+
+        if grid is None:
+            instances, origin, info = _segment_whole(rgb, detect, cleanup, query, progress, cancel)
+        else:
+            instances, origin, info = segment_tiled(
+                rgb, *grid, detect, cleanup, exemplars=query.exemplars, exemplar_labels=query.exemplar_labels,
+                progress=progress, cancel=cancel,
             )
-            return result if clip_plan is None else clip_plan.finish(rgb, result)
-        if cancel is not None and cancel():
-            raise CancelledError("Segmentation was cancelled.")
-        if progress:
-            progress(1, 0)
+        result = SegmentationResult(
+            instances=instances, image_size=rgb.shape[:2], prompts=list(query.phrases),
+            embedding_source=origin, info=info,
+        )
+        return check_with_clip(self.clip, rgb, result, query.labels, query.mapping, options.clip)
+
+    def detect(
+        self,
+        rgb: np.ndarray,
+        phrases: Sequence[str],
+        decoding: DecodingOptions | None = None,
+        exemplars: np.ndarray | None = None,
+        exemplar_labels: np.ndarray | None = None,
+    ) -> tuple[list[Instance], str]:
+        """The embed and decode stages for one image (or tile): its instances before post-processing,
+        in its own pixel coordinates, and where its embedding came from (memory, disk or computed).
+
+        `exemplars` are checked pixel boxes (see `check_exemplars`). Serialised on the segmenter's lock.
+        """
+        decoding = decoding or DecodingOptions()
         with self._lock:
             features, origin = self.embed(rgb)
-            raw = self._decode(features, phrases, threshold, mask_threshold, rgb.shape[:2], exemplars, exemplar_labels)
-        if progress:
-            progress(1, 1)
-        instances = postprocess(
-            raw, rgb.shape[:2], smooth=smooth, min_area=min_area, iou_threshold=iou_threshold,
-            cross_prompt_iou=cross_prompt_iou, max_instances=max_instances,
-        )
-        result = SegmentationResult(
-            instances=instances, image_size=rgb.shape[:2], prompts=phrases,
-            embedding_source=origin, source=source,
-        )
-        return result if clip_plan is None else clip_plan.finish(rgb, result)
+            return self._decode(features, list(phrases), decoding, rgb.shape[:2], exemplars, exemplar_labels), origin
 
     def suggest_prompts(self, image: Any, vocabulary: Any = None, k: int = 10) -> list[tuple[str, float]]:
         """The `k` phrases of `vocabulary` (default: the shipped COCO + LVIS names, or a file or
@@ -267,7 +313,7 @@ class Segmenter:
         `options` and the options given by name are those of `segment`, checked once before any image.
         """
         options = _options(options, flat)
-        phrases = ensure_prompt_list(prompts)
+        query = self.query(prompts, options, exemplars, exemplar_labels)
         images = list(images) if not isinstance(images, list) else images
         if progress:
             progress(len(images), 0)
@@ -275,13 +321,13 @@ class Segmenter:
             if cancel is not None and cancel():
                 raise CancelledError("Segmentation was cancelled.")
             try:
-                yield self.segment(image, phrases, options, exemplars=exemplars, exemplar_labels=exemplar_labels)
+                yield self._segment_image(image, query, options)
             except ImageError as exc:
                 if not skip_errors:
                     raise
                 logger.warning("Skipping %s: %s", image if isinstance(image, (str, os.PathLike)) else "image", exc)
                 yield SegmentationResult(
-                    instances=[], image_size=(0, 0), prompts=phrases,
+                    instances=[], image_size=(0, 0), prompts=list(query.labels),
                     source=str(image) if isinstance(image, (str, os.PathLike)) else None,
                     error=str(exc),
                 )
@@ -316,15 +362,13 @@ class Segmenter:
         Returns a `StackResult` (``.slices``, ``.object_ids``, ``.to_label_volume()``).
         """
         options = _options(options, flat)
-        phrases = ensure_prompt_list(prompts)
-        exemplars, exemplar_labels = check_exemplars(exemplars, exemplar_labels)
-        per_slice = dataclasses.replace(options, pixels=PixelOptions())  # slices arrive as RGB already
+        query = self.query(prompts, options, exemplars, exemplar_labels)
 
         def segment_slice(rgb: np.ndarray) -> SegmentationResult:
-            return self.segment(rgb, phrases, per_slice, exemplars=exemplars, exemplar_labels=exemplar_labels)
+            return self.segment_rgb(rgb, query, options)
 
         return segment_stack(
-            stack, phrases, segment_slice, options.pixels, axes=axes, link=link, normalize=normalize,
+            stack, query.labels, segment_slice, options.pixels, axes=axes, link=link, normalize=normalize,
             max_pixels=self.max_pixels, progress=progress, cancel=cancel,
         )
 
@@ -370,7 +414,7 @@ class Segmenter:
                 self.stats.text_encoder_runs += 1
             return [self.text_cache.get(prefix + p) or self.backend.encode_text([p])[0] for p in phrases]
 
-    def _decode(self, features, phrases, threshold, mask_threshold, image_size, exemplars, exemplar_labels):
+    def _decode(self, features, phrases, decoding: DecodingOptions, image_size, exemplars, exemplar_labels):
         boxes = labels = None
         if exemplars is not None and len(exemplars):
             boxes, labels = _normalise_exemplars(exemplars, exemplar_labels, image_size)
@@ -379,14 +423,42 @@ class Segmenter:
         for start in range(0, len(phrases), self.prompt_batch_size):
             chunk = phrases[start : start + self.prompt_batch_size]
             detections = self.backend.decode(
-                features, texts[start : start + self.prompt_batch_size], threshold, boxes, labels
+                features, texts[start : start + self.prompt_batch_size], decoding.threshold, boxes, labels
             )
             self.stats.decoder_runs += 1
             for phrase, found in zip(chunk, detections):
                 instances += instances_from_probs(
-                    found.mask_probs, found.scores, found.boxes, phrase, image_size, mask_threshold
+                    found.mask_probs, found.scores, found.boxes, phrase, image_size, decoding.mask_threshold
                 )
         return instances
+
+
+@dataclass(frozen=True)
+class Query:
+    """What one call asks for, checked before any pixel is read (see `Segmenter.query`)."""
+
+    labels: list[str]
+    """The prompts as the user gave them: the labels of the result."""
+    phrases: list[str]
+    """What the model decodes: each prompt, or its English phrase when CLIP mapped it."""
+    mapping: dict[str, str]
+    """prompt -> English phrase, for the prompts that were mapped."""
+    exemplars: np.ndarray | None = None
+    """``(N, 4)`` pixel boxes of example objects, or None."""
+    exemplar_labels: np.ndarray | None = None
+    """``(N,)`` 1 (positive) or 0 (negative) per box, or None."""
+
+
+def _segment_whole(rgb, detect, cleanup: CleanupOptions, query: Query, progress, cancel):
+    """The untiled path: one `detect` of the whole image, then `postprocess`."""
+    if cancel is not None and cancel():
+        raise CancelledError("Segmentation was cancelled.")
+    if progress:
+        progress(1, 0)
+    raw, origin = detect(rgb, query.exemplars, query.exemplar_labels)
+    if progress:
+        progress(1, 1)
+    return postprocess(raw, rgb.shape[:2], cleanup), origin, {}
 
 
 def _normalise_exemplars(boxes: np.ndarray, labels: np.ndarray, image_size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,7 +226,7 @@ def segment_stack(
     stack: Any,
     phrases: list[str],
     segment_slice: Callable[[np.ndarray], SegmentationResult],
-    pixels: PixelOptions = PixelOptions(),
+    pixels: PixelOptions | None = None,
     *,
     axes: str | None = None,
     link: bool | float = False,
@@ -241,6 +241,7 @@ def segment_stack(
     ``normalize="stack"``); `phrases` label the results of slices that cannot be used. See
     `Segmenter.segment_stack`, which passes its own segmentation of one RGB image.
     """
+    pixels = pixels or PixelOptions()
     link_iou = _link_threshold(link)
     if normalize not in ("stack", "slice"):
         raise OptionError(f"normalize must be 'stack' or 'slice', got {normalize!r}.")

@@ -2,8 +2,9 @@
 
 SAM 3 resizes whatever it gets to its input size (1008x1008), so on a 10k-pixel slide a cell
 shrinks to a pixel. Tiling runs each tile at the model's own resolution. Each tile goes through
-the segmenter's normal path (`Segmenter.embed`, so its embedding is cached under a content hash
-of the tile's pixels, then prompt decoding). Tile instances are kept as compact crops in image
+the `detect` callable it is given (the segmenter passes `Segmenter.detect`: the embedding, cached
+under a content hash of the tile's pixels, then prompt decoding); this module never calls back
+into the segmenter. Tile instances are kept as compact crops in image
 coordinates; pieces of one object seen by neighbouring tiles are joined where their masks agree
 inside the shared overlap (union-find), and each pixel of a joined object is taken from the tile
 whose centre is nearest (the tile that saw it with the most context). No full-size array per
@@ -15,15 +16,16 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from promptseg.errors import CancelledError, OptionError
-from promptseg.masks import mask_iou, mask_nms, postprocess, tight_box
-from promptseg.results import Instance, SegmentationResult
+from promptseg.errors import CancelledError
+from promptseg.masks import clean, mask_iou, mask_nms, tight_box
+from promptseg.options import CleanupOptions, TilingOptions, check_overlap, default_overlap
+from promptseg.results import Instance
 from promptseg.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -71,34 +73,25 @@ def tile_grid(image_size: tuple[int, int], tile: int, overlap: int) -> list[Tile
 
 
 def resolve_tiling(
-    tile: int | str | None, overlap: int | None, image_size: tuple[int, int], input_size: tuple[int, int]
+    tiling: TilingOptions, image_size: tuple[int, int], input_size: tuple[int, int]
 ) -> tuple[int, int] | None:
-    """Check `tile`/`overlap` and return ``(tile, overlap)`` in pixels, or None for no tiling.
+    """``(tile, overlap)`` in pixels for an image of `image_size`, or None for no tiling.
 
-    ``"auto"`` tiles at the model's input size when the image's long side exceeds
+    ``tile="auto"`` tiles at the model's input size when the image's long side exceeds
     `AUTO_FACTOR` model inputs (smaller images lose little by being resized once).
-    The default overlap is an eighth of the tile.
+    The default overlap is an eighth of the tile (`promptseg.options.default_overlap`).
     """
-    if tile is None or tile is False:
+    tile = tiling.tile
+    if tile is None:
         return None
-    if isinstance(tile, str):
-        if tile != "auto":
-            raise OptionError(f"tile must be a number of pixels, 'auto' or None, got {tile!r}.")
+    if tile == "auto":
         side = max(input_size)
         if max(image_size) <= AUTO_FACTOR * side:
             return None
         tile = side
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 16:
-        raise OptionError(f"tile must be at least 16 pixels (or 'auto' or None), got {tile!r}.")
-    tile = int(tile)
-    if overlap is None:
-        overlap = max(1, tile // 8)
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 1 <= overlap < tile // 2 + 1:
-        raise OptionError(
-            f"overlap must be between 1 and half the tile ({tile // 2}) pixels, got {overlap!r}: "
-            "pieces of an object cut by a tile border are joined where they overlap."
-        )
-    return tile, int(overlap)
+    if tiling.overlap is None:
+        return tile, default_overlap(tile)
+    return tile, check_overlap(tiling.overlap, tile)  # an "auto" tile is known only now
 
 
 @dataclass
@@ -109,35 +102,35 @@ class _Piece:
     tile: Tile
 
 
+Detect = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], tuple[list[Instance], str]]
+"""``detect(rgb, exemplar_boxes, exemplar_labels) -> (instances, embedding origin)``: one image's
+embedding (cached) and prompt decoding, with instances in its own pixel coordinates."""
+
+
 def segment_tiled(
-    segmenter: Any,  # a promptseg.segmenter.Segmenter, not imported: the segmenter imports this module
     rgb: np.ndarray,
-    phrases: list[str],
-    *,
     tile: int,
     overlap: int,
-    threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    min_area: int = 0,
-    smooth: int = 0,
-    max_instances: int | None = None,
-    iou_threshold: float | None = 0.7,
-    cross_prompt_iou: float | None = 0.9,
-    exemplars: Sequence[Sequence[float]] | None = None,
-    exemplar_labels: Sequence[int] | None = None,
+    detect: Detect,
+    cleanup: CleanupOptions | None = None,
+    *,
+    exemplars: np.ndarray | None = None,
+    exemplar_labels: np.ndarray | None = None,
     merge_iou: float = DEFAULT_MERGE_IOU,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-    source: str | None = None,
-) -> SegmentationResult:
-    """Segment `rgb` tile by tile and stitch the pieces into whole objects.
+) -> tuple[list[Instance], str, dict[str, Any]]:
+    """Segment `rgb` tile by tile with `detect`, stitch the pieces into whole objects, clean them up.
 
-    Two pieces with the same label from overlapping tiles are one object when their masks,
-    restricted to the tiles' shared overlap, have IoU >= `merge_iou`. A joined object's score
-    is the mean of its pieces' scores weighted by the pixels each piece contributes. Options
-    are those of `Segmenter.segment`; `progress(total, advance)` counts tiles and `cancel()` is
-    checked before each tile.
+    Returns the instances, where the embeddings came from (``"mixed"`` when tiles differ) and
+    what the tiling did (``tiles``, ``tile``, ``overlap``, ``pieces``). Two pieces with the same
+    label from overlapping tiles are one object when their masks, restricted to the tiles' shared
+    overlap, have IoU >= `merge_iou`. A joined object's score is the mean of its pieces' scores
+    weighted by the pixels each piece contributes. `exemplars` are the checked ``(N, 4)`` pixel
+    boxes and ``(N,)`` labels of the whole image. `progress(total, advance)` counts tiles and
+    `cancel()` is checked before each tile.
     """
+    cleanup = cleanup or CleanupOptions()
     height, width = rgb.shape[:2]
     tiles = tile_grid((height, width), tile, overlap)
     neighbours = _earlier_neighbours(tiles)
@@ -151,10 +144,7 @@ def segment_tiled(
     for current in tiles:
         if cancel is not None and cancel():
             raise CancelledError(f"Segmentation was cancelled after {current.index} of {len(tiles)} tiles.")
-        found, origin = _segment_tile(
-            segmenter, rgb, current, phrases, threshold, mask_threshold, iou_threshold, cross_prompt_iou,
-            exemplars, exemplar_labels,
-        )
+        found, origin = _segment_tile(detect, rgb, current, cleanup, exemplars, exemplar_labels)
         origins.add(origin)
         for inst in found:
             index = groups.add()
@@ -169,16 +159,12 @@ def segment_tiled(
         if progress:
             progress(len(tiles), 1)
     stitched = [_stitch([pieces[i] for i in group]) for group in groups.groups()]
-    instances = postprocess(stitched, (height, width), smooth=smooth, min_area=min_area, iou_threshold=None,
-                            cross_prompt_iou=None)
-    instances = local_nms(local_nms(instances, iou_threshold, True, tile), cross_prompt_iou, False, tile)
-    if max_instances is not None:
-        instances = instances[:max_instances]
-    return SegmentationResult(
-        instances=instances, image_size=(height, width), prompts=phrases,
-        embedding_source=origins.pop() if len(origins) == 1 else "mixed", source=source,
-        info={"tiles": len(tiles), "tile": tile, "overlap": overlap, "pieces": len(pieces)},
-    )
+    instances = clean(stitched, (height, width), cleanup)  # min_area judges whole objects, not pieces
+    instances = local_nms(local_nms(instances, cleanup.iou_threshold, True, tile), cleanup.cross_prompt_iou, False, tile)
+    if cleanup.max_instances is not None:
+        instances = instances[: cleanup.max_instances]
+    origin = origins.pop() if len(origins) == 1 else "mixed"
+    return instances, origin, {"tiles": len(tiles), "tile": tile, "overlap": overlap, "pieces": len(pieces)}
 
 
 def local_nms(instances: list[Instance], iou_threshold: float | None, per_label: bool, cell: int) -> list[Instance]:
@@ -204,18 +190,14 @@ def local_nms(instances: list[Instance], iou_threshold: float | None, per_label:
 
 
 def _segment_tile(
-    segmenter, rgb, tile, phrases, threshold, mask_threshold, iou_threshold, cross_prompt_iou,
-    exemplars, exemplar_labels,
+    detect: Detect, rgb: np.ndarray, tile: Tile, cleanup: CleanupOptions, exemplars, exemplar_labels
 ) -> tuple[list[Instance], str]:
-    """One tile through the segmenter's cached path; instances returned in image coordinates."""
+    """One tile through `detect`; instances returned in image coordinates."""
     pixels = np.ascontiguousarray(rgb[tile.y0 : tile.y1, tile.x0 : tile.x1])
-    size = pixels.shape[:2]
     boxes, labels = _exemplars_in_tile(exemplars, exemplar_labels, tile)
-    with segmenter._lock:
-        features, origin = segmenter.embed(pixels)
-        raw = segmenter._decode(features, phrases, threshold, mask_threshold, size, boxes, labels)
+    raw, origin = detect(pixels, boxes, labels)
     # duplicates inside one tile go now, while the candidates are small
-    raw = mask_nms(mask_nms(raw, iou_threshold, per_label=True), cross_prompt_iou, per_label=False)
+    raw = mask_nms(mask_nms(raw, cleanup.iou_threshold, per_label=True), cleanup.cross_prompt_iou, per_label=False)
     shifted = []
     for inst in raw:
         x0, y0, x1, y1 = inst.box

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from promptseg.errors import ModelLoadError, OptionError
+from promptseg.options import ClipOptions
 from promptseg.results import Instance
 
 
@@ -222,12 +223,12 @@ def test_verify_drops_instances_below_the_clip_threshold():
     texts = torch.stack([_unit(1, 0, 0)])
     report = ClipReport()
     kept = decide([replace(_instance("cat", 0.5), extra={"id": i}) for i in range(3)],
-                  crops, texts, [0, 0, 0], verify=True, report=report)
+                  crops, texts, [0, 0, 0], ClipOptions(verify=True), report=report)
     assert [k.extra["id"] for k in kept] == [0, 2]  # cos 0.10 -> CLIPScore 0.25 < 0.5 is dropped
     assert kept[1].extra["clip_score"] == pytest.approx(2.5 / math.sqrt(10))
     assert report.dropped_by_verify == 1
     strict = decide([replace(_instance("cat", 0.5), extra={"id": i}) for i in range(3)],
-                    crops, texts, [0, 0, 0], verify=True, clip_threshold=0.99)
+                    crops, texts, [0, 0, 0], ClipOptions(verify=True, clip_threshold=0.99))
     assert [k.extra["id"] for k in strict] == [0]
 
 
@@ -244,9 +245,9 @@ def test_negative_prompt_removes_instances_closer_to_it():
     assert report.dropped_by_negative == 1
     assert kept[1].extra["closest_negative"] == "toy car"
     # a margin makes the negative need a clear win: 0.5 vs 1 loses, 1 vs 0.9 now survives more easily
-    lenient = decide(instances, crops, car[None], [0, 0, 0], negatives=toy[None], negative_margin=0.5)
+    lenient = decide(instances, crops, car[None], [0, 0, 0], ClipOptions(negative_margin=0.5), negatives=toy[None])
     assert [k.extra["id"] for k in lenient] == [0, 1, 2]
-    strict = decide(instances, crops, car[None], [0, 0, 0], negatives=toy[None], negative_margin=-0.1)
+    strict = decide(instances, crops, car[None], [0, 0, 0], ClipOptions(negative_margin=-0.1), negatives=toy[None])
     assert [k.extra["id"] for k in strict] == [0]
 
 
@@ -261,7 +262,7 @@ def test_exclusive_label_set_keeps_one_label_per_object():
     ]
     crops = torch.stack([_unit(0.1, 1, 0), _unit(0.2, 1, 0), _unit(1, 0.1, 0)])  # CLIP sees a dog
     report = ClipReport()
-    kept = decide(instances, crops, torch.stack([cat, dog]), [0, 1, 0], exclusive=True,
+    kept = decide(instances, crops, torch.stack([cat, dog]), [0, 1, 0], ClipOptions(exclusive=True),
                   labels=["cat", "dog"], logit_scale=100.0, report=report)
     assert [k.label for k in kept] == ["dog", "cat"]
     assert kept[0].box == (0, 0, 10, 11)  # the dog instance itself, not a relabelled cat mask
@@ -269,7 +270,7 @@ def test_exclusive_label_set_keeps_one_label_per_object():
     assert report.dropped_by_exclusive == 1
     # when only the losing label claimed the object, that instance is relabelled
     only_cat = decide(instances[:2], torch.stack([_unit(1, 0, 0), _unit(1, 0.1, 0)]), torch.stack([cat, dog]),
-                      [0, 1], exclusive=True, labels=["cat", "dog"])
+                      [0, 1], ClipOptions(exclusive=True), labels=["cat", "dog"])
     assert [(k.label, k.box) for k in only_cat] == [("cat", (0, 0, 10, 10))]
 
 

@@ -7,8 +7,10 @@ options by name gives the same result on the tiny random SAM 3.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +18,8 @@ import pytest
 import promptseg
 from promptseg.errors import OptionError
 from promptseg.options import (
-    ClipOptions,
     CleanupOptions,
+    ClipOptions,
     DecodingOptions,
     PixelOptions,
     SegmentOptions,
@@ -26,6 +28,7 @@ from promptseg.options import (
     option_info,
 )
 
+CORE = Path(__file__).resolve().parents[1] / "core"
 CHANGED = {  # a value other than the default for every option
     "threshold": 0.25, "mask_threshold": 0.4, "min_area": 12, "smooth": 2, "max_instances": 3,
     "iou_threshold": None, "cross_prompt_iou": 0.5, "tile": 128, "overlap": 20, "percentiles": (1.0, 99.0),
@@ -169,3 +172,76 @@ def test_threshold_by_position_still_works_with_a_warning(segmenter, rgb_image):
         old = segmenter.segment(rgb_image, "red square", 0.0)
     new = segmenter.segment(rgb_image, "red square", threshold=0.0)
     assert [i.box for i in old] == [i.box for i in new] and len(new) > 0
+
+
+def _literal(node):
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return False, None
+
+
+def literal_option_defaults(path: Path) -> list[str]:
+    """Places in `path` that write an option's default value again: a parameter default, an
+    annotated (dataclass) field or a dict entry named like the option, holding its default literal.
+
+    None defaults are left out: there None marks an argument not given, and its meaning is written once,
+    in the option's help.
+    """
+    defaults = {info.name: info.default for info in describe() if info.default is not None}
+    found = []
+
+    def check(name: str, node: ast.AST) -> None:
+        if name in defaults:
+            literal, value = _literal(node)
+            if literal and value == defaults[name]:
+                found.append(f"{path.name}:{node.lineno} {name}={value!r}")
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(arg, default) for arg, default in zip(args.kwonlyargs, args.kw_defaults) if default is not None]
+            for arg, default in pairs:
+                check(arg.arg, default)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            check(node.target.id, node.value)
+        elif isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                    check(key.value, value)
+    return found
+
+
+def test_no_option_default_is_written_outside_the_options_module():
+    found = [place for path in sorted(CORE.rglob("*.py")) if path != CORE / "options.py"
+             for place in literal_option_defaults(path)]
+    assert found == []
+
+
+def test_the_default_scan_finds_a_repeated_default(tmp_path):
+    """The scan above sees each way a default used to be repeated (a signature, a field, a dict)."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def segment(image, threshold=0.5, *, iou_threshold=0.7, smooth=1):\n    pass\n"
+        "class Plan:\n    negative_margin: float = 0.0\n"
+        "DEFAULTS = {'verify': False, 'mask_threshold': 0.4, 'tile': None}\n"
+    )
+    assert literal_option_defaults(sample) == [
+        "sample.py:1 threshold=0.5", "sample.py:1 iou_threshold=0.7", "sample.py:4 negative_margin=0.0",
+        "sample.py:5 verify=False",
+    ]
+
+
+def _readme_row(info) -> str:
+    default = str(info.default)
+    if isinstance(info.default, tuple) and info.default:
+        default = " ".join(map(str, info.default))
+    return f"| `{info.name}` | `{info.group}` | {default} | {info.help} |"
+
+
+def test_readme_options_table_matches_the_options():
+    readme = (CORE.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 5]
+    assert rows == [_readme_row(info) for info in describe()]

@@ -6,6 +6,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from promptseg.masks import mask_nms, postprocess, smooth_instance
+from promptseg.options import CleanupOptions
 from promptseg.results import Instance, SegmentationResult
 
 
@@ -63,5 +64,5 @@ def test_nms_per_prompt_and_across_prompts():
     insts = [make_instance("cat", 0.9, big), make_instance("cat", 0.8, almost), make_instance("dog", 0.7, almost)]
     per_prompt = mask_nms(insts, 0.7, per_label=True)
     assert [i.score for i in per_prompt] == [0.9, 0.7]
-    assert [i.label for i in postprocess(insts, shape, iou_threshold=0.7, cross_prompt_iou=0.7)] == ["cat"]
-    assert len(postprocess(insts, shape, iou_threshold=None, cross_prompt_iou=None)) == 3
+    assert [i.label for i in postprocess(insts, shape, CleanupOptions(iou_threshold=0.7, cross_prompt_iou=0.7))] == ["cat"]
+    assert len(postprocess(insts, shape, CleanupOptions(iou_threshold=None, cross_prompt_iou=None))) == 3

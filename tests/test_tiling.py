@@ -7,6 +7,7 @@ import pytest
 from truth_backend import random_scene, render, score_of, truth_segmenter
 
 from promptseg.errors import CancelledError, OptionError
+from promptseg.options import TilingOptions
 from promptseg.tiling import resolve_tiling, tile_grid
 
 VOCAB = {"cell": 1, "nucleus": 2}
@@ -192,9 +193,9 @@ def test_exemplars_are_clipped_to_each_tile():
 
 
 def test_auto_tiles_only_images_much_larger_than_the_model_input():
-    assert resolve_tiling("auto", None, (1200, 1400), (1008, 1008)) is None
-    assert resolve_tiling("auto", None, (4000, 3000), (1008, 1008)) == (1008, 126)
-    assert resolve_tiling(None, 50, (4000, 3000), (1008, 1008)) is None
+    assert resolve_tiling(TilingOptions("auto", None), (1200, 1400), (1008, 1008)) is None
+    assert resolve_tiling(TilingOptions("auto", None), (4000, 3000), (1008, 1008)) == (1008, 126)
+    assert resolve_tiling(TilingOptions(None, 50), (4000, 3000), (1008, 1008)) is None
     seg = truth_segmenter(VOCAB, input_size=64)
     labels, kinds = designed_scene()
     result = seg.segment(render(labels, kinds), ["cell", "nucleus"], tile="auto")

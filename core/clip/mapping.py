@@ -2,7 +2,7 @@
 
 * `model_phrases`: with a multilingual CLIP, map each non-English prompt to the nearest English
   phrase of the vocabulary plus the call's English prompts, because SAM 3 reads English only;
-  with a monolingual CLIP, warn instead. Runs before SAM 3 (see `promptseg.clip.verify.plan_clip`).
+  with a monolingual CLIP, warn instead. Runs before SAM 3 (see `promptseg.clip.verify.prompt_phrases`).
 * `map_to_labels`: map free text to the nearest entry of a fixed label set (hosts' schemas).
 """
 

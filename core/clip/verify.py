@@ -1,6 +1,8 @@
 """CLIP re-scoring of SAM 3's instances: verification, negative prompts, exclusive label sets.
 
-Runs after mask post-processing, on the final instances of one image. Each instance's masked
+Two steps of `Segmenter.segment` live here. Before decoding, `prompt_phrases` turns the prompts
+into the English phrases SAM 3 reads (text only, no image needed). After post-processing,
+`check_with_clip` runs on the final instances of one image. Each instance's masked
 crop is compared with its prompt (`clip_score`), with the negative phrases, and, for exclusive
 label sets, with every label. The decisions are pure functions of embedding matrices
 (`decide`), so they can be checked with controlled embeddings; `apply_clip` wires them to a
@@ -17,6 +19,7 @@ Scores written to each instance:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -26,8 +29,9 @@ import torch
 
 from promptseg.errors import OptionError
 from promptseg.masks import mask_iou
-from promptseg.options import DEFAULT_CLIP_THRESHOLD
-from promptseg.results import Instance
+from promptseg.options import DEFAULT_CLIP_THRESHOLD  # noqa: F401  (importable from here too, as before)
+from promptseg.options import CleanupOptions, ClipOptions
+from promptseg.results import Instance, SegmentationResult
 from promptseg.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -68,34 +72,39 @@ def fused_score(sam_score: float, clip: float) -> float:
     return float(np.sqrt(max(sam_score, 0.0) * max(clip, 0.0)))
 
 
-def check_options(verify, clip_threshold, negative, negative_margin, exclusive) -> list[str]:
-    """Validate the CLIP options of `segment`; return the negative phrases as a clean list."""
-    if clip_threshold is not None and (
-        isinstance(clip_threshold, bool) or not isinstance(clip_threshold, (int, float)) or not 0 <= clip_threshold <= 1
-    ):
-        raise OptionError(f"clip_threshold must be a CLIPScore between 0 and 1, got {clip_threshold!r}.")
-    if isinstance(negative_margin, bool) or not isinstance(negative_margin, (int, float)) or not -2 <= negative_margin <= 2:
-        raise OptionError(f"negative_margin must be a cosine difference between -2 and 2, got {negative_margin!r}.")
-    if negative is None:
-        return []
-    phrases = [negative] if isinstance(negative, str) else list(negative)
-    cleaned = []
-    for phrase in phrases:
-        if not isinstance(phrase, str) or not phrase.split():
-            raise OptionError(f"Negative prompts must be non-empty strings such as 'toy car', got {phrase!r}.")
-        cleaned.append(" ".join(phrase.split()))
-    return list(dict.fromkeys(cleaned))
-
-
-def require_clip(verify, clip_threshold, negative, exclusive) -> None:
+def require_clip(options: ClipOptions) -> None:
     """Without a CLIP scorer, asking for a CLIP decision is an error, not a silent no-op."""
-    asked = [name for name, on in (("verify", verify), ("clip_threshold", clip_threshold is not None),
-                                   ("negative", bool(negative)), ("exclusive", exclusive)) if on]
-    if asked:
+    if options.asked:
         raise OptionError(
-            f"{', '.join(asked)} need(s) a CLIP model: load_segmenter(..., clip='ViT-B-32/laion2b_s34b_b79k') "
+            f"{', '.join(options.asked)} need(s) a CLIP model: load_segmenter(..., clip='ViT-B-32/laion2b_s34b_b79k') "
             "or --clip MODEL."
         )
+
+
+def prompt_phrases(scorer, prompts: list[str], options: ClipOptions | None = None) -> dict[str, str]:
+    """Before decoding: each non-English prompt -> the English phrase SAM 3 reads (`model_phrases`).
+
+    Empty without a CLIP scorer, where asking for a CLIP decision is an `OptionError`; several
+    prompts reading as one phrase are an `OptionError` too.
+    """
+    if scorer is None:
+        require_clip(options or ClipOptions())
+        return {}
+    from promptseg.clip.mapping import model_phrases
+
+    mapping = model_phrases(scorer, prompts)
+    phrases = [mapping.get(p, p) for p in prompts]
+    if len(set(phrases)) < len(phrases):
+        raise OptionError(
+            "Several prompts map to the same English phrase "
+            f"({', '.join(f'{p!r} -> {q!r}' for p, q in mapping.items())}): give distinct prompts."
+        )
+    return mapping
+
+
+def cleanup_for_clip(cleanup: CleanupOptions, options: ClipOptions) -> CleanupOptions:
+    """With an exclusive label set CLIP, not SAM 3's score, settles overlaps across prompts."""
+    return dataclasses.replace(cleanup, cross_prompt_iou=None) if options.exclusive else cleanup
 
 
 def decide(
@@ -103,13 +112,10 @@ def decide(
     crops: torch.Tensor,
     prompt_texts: torch.Tensor,
     prompt_index: Sequence[int],
+    options: ClipOptions | None = None,
     *,
     negatives: torch.Tensor | None = None,
     negative_names: Sequence[str] = (),
-    negative_margin: float = 0.0,
-    verify: bool = False,
-    clip_threshold: float | None = None,
-    exclusive: bool = False,
     labels: Sequence[str] = (),
     logit_scale: float = 100.0,
     report: ClipReport | None = None,
@@ -119,14 +125,17 @@ def decide(
     `crops` is ``(N, D)`` (one unit embedding per instance), `prompt_texts` ``(P, D)`` and
     `prompt_index[i]` the row of instance i's prompt; `labels` name those rows (the label set).
     `negatives` is ``(M, D)``. An instance is dropped by a negative when its best negative
-    similarity exceeds its prompt similarity by more than `negative_margin`.
+    similarity exceeds its prompt similarity by more than ``options.negative_margin``; by
+    verification when ``options.verify`` or a ``clip_threshold`` is set and its CLIPScore is below
+    the threshold; ``options.exclusive`` resolves label conflicts.
     """
+    options = options or ClipOptions()
     report = report if report is not None else ClipReport()
     index = torch.as_tensor(list(prompt_index), dtype=torch.long)
     similarity = (crops * prompt_texts[index]).sum(dim=-1)
     scores = clip_score(similarity)
     kept: list[Instance] = []
-    threshold = DEFAULT_CLIP_THRESHOLD if clip_threshold is None else clip_threshold
+    verify = options.verify or options.clip_threshold is not None
     negative_sim = crops @ negatives.T if negatives is not None and len(negatives) else None
     crop_rows = []
     for i, inst in enumerate(instances):
@@ -138,16 +147,16 @@ def decide(
             best = int(negative_sim[i].argmax())
             extra["negative_similarity"] = float(negative_sim[i, best])
             extra["closest_negative"] = negative_names[best] if negative_names else best
-            if float(negative_sim[i, best]) - float(similarity[i]) > negative_margin:
+            if float(negative_sim[i, best]) - float(similarity[i]) > options.negative_margin:
                 report.dropped_by_negative += 1
                 continue
-        if (verify or clip_threshold is not None) and float(scores[i]) < threshold:
+        if verify and float(scores[i]) < options.threshold:
             report.dropped_by_verify += 1
             continue
         kept.append(replace(inst, score=extra["fused_score"], extra=extra))
         crop_rows.append(i)
     report.scored += len(instances)
-    if exclusive and kept:
+    if options.exclusive and kept:
         kept = resolve_exclusive(kept, crops[crop_rows], prompt_texts, labels, logit_scale, report)
     return kept
 
@@ -200,12 +209,8 @@ def apply_clip(
     rgb: np.ndarray,
     instances: Sequence[Instance],
     prompts: Sequence[str],
+    options: ClipOptions | None = None,
     *,
-    verify: bool = False,
-    clip_threshold: float | None = None,
-    negative: Sequence[str] = (),
-    negative_margin: float = 0.0,
-    exclusive: bool = False,
     report: ClipReport | None = None,
 ) -> list[Instance]:
     """Embed the instances' crops, the prompts (as their model phrases) and negatives; `decide`."""
@@ -223,69 +228,33 @@ def apply_clip(
         label_phrases.append(phrases[label])
     crops = scorer.crop_embeddings(rgb, instances)
     texts = scorer.text_embeddings(label_phrases)
-    negatives = scorer.text_embeddings(list(negative)) if negative else None
+    options = options or ClipOptions()
+    negatives = scorer.text_embeddings(list(options.negative)) if options.negative else None
     return decide(
-        instances, crops, texts, [row[inst.label] for inst in instances],
-        negatives=negatives, negative_names=list(negative), negative_margin=negative_margin,
-        verify=verify, clip_threshold=clip_threshold, exclusive=exclusive, labels=labels,
+        instances, crops, texts, [row[inst.label] for inst in instances], options,
+        negatives=negatives, negative_names=list(options.negative), labels=labels,
         logit_scale=scorer.logit_scale, report=report,
     )
 
 
-@dataclass
-class ClipPlan:
-    """The CLIP step of one `segment` call: prompt mapping before SAM 3, decisions after it."""
+def check_with_clip(
+    scorer, rgb: np.ndarray, result: SegmentationResult, prompts: Sequence[str], mapping: dict[str, str],
+    options: ClipOptions | None = None,
+) -> SegmentationResult:
+    """The CLIP stage, after post-processing: give the instances the user's prompts back as labels
+    (`mapping` is what `prompt_phrases` returned), then re-score and filter them (`apply_clip`).
 
-    scorer: object
-    prompts: list[str]
-    """The prompts as the user gave them (the labels of the result)."""
-    phrases: list[str]
-    """What SAM 3 receives: each prompt, or its English phrase when it was mapped."""
-    verify: bool = False
-    clip_threshold: float | None = None
-    negative: list[str] = field(default_factory=list)
-    negative_margin: float = 0.0
-    exclusive: bool = False
-    report: ClipReport = field(default_factory=ClipReport)
-
-    def cross_prompt_iou(self, value: float | None) -> float | None:
-        """With an exclusive label set CLIP, not SAM 3's score, settles overlaps across prompts."""
-        return None if self.exclusive else value
-
-    def finish(self, rgb: np.ndarray, result):
-        """Restore the user's labels, then re-score and filter the result's instances in place."""
-        back = {phrase: prompt for prompt, phrase in zip(self.prompts, self.phrases)}
-        instances = [
-            replace(inst, label=back.get(inst.label, inst.label), phrase=inst.phrase or inst.label)
-            if back.get(inst.label, inst.label) != inst.label else inst
-            for inst in result.instances
-        ]
-        result.instances = apply_clip(
-            self.scorer, rgb, instances, self.prompts, verify=self.verify, clip_threshold=self.clip_threshold,
-            negative=self.negative, negative_margin=self.negative_margin, exclusive=self.exclusive,
-            report=self.report,
-        )
-        result.prompts = list(self.prompts)
-        result.info["clip"] = {**self.report.as_dict(), **self.scorer.describe()}
-        return result
-
-
-def plan_clip(scorer, prompts: list[str], verify=False, clip_threshold=None, negative=None,
-              negative_margin=0.0, exclusive=False) -> ClipPlan | None:
-    """Validate the CLIP options and map prompts; None when no CLIP scorer is loaded."""
-    negatives = check_options(verify, clip_threshold, negative, negative_margin, exclusive)
+    Without a CLIP scorer the result is returned as it is.
+    """
     if scorer is None:
-        require_clip(verify, clip_threshold, negatives, exclusive)
-        return None
-    from promptseg.clip.mapping import model_phrases
-
-    mapping = model_phrases(scorer, prompts)
-    phrases = [mapping.get(p, p) for p in prompts]
-    if len(set(phrases)) < len(phrases):
-        raise OptionError(
-            "Several prompts map to the same English phrase "
-            f"({', '.join(f'{p!r} -> {q!r}' for p, q in mapping.items())}): give distinct prompts."
-        )
-    report = ClipReport(mapped_prompts=mapping)
-    return ClipPlan(scorer, list(prompts), phrases, bool(verify), clip_threshold, negatives,
-                    float(negative_margin), bool(exclusive), report)
+        return result
+    back = {phrase: prompt for prompt, phrase in mapping.items()}
+    instances = [
+        replace(inst, label=back[inst.label], phrase=inst.phrase or inst.label) if inst.label in back else inst
+        for inst in result.instances
+    ]
+    report = ClipReport(mapped_prompts=dict(mapping))
+    result.instances = apply_clip(scorer, rgb, instances, list(prompts), options or ClipOptions(), report=report)
+    result.prompts = list(prompts)
+    result.info["clip"] = {**report.as_dict(), **scorer.describe()}
+    return result
