@@ -271,3 +271,27 @@ def test_the_old_paths_are_shims_that_nothing_in_the_project_imports():
     assert shims <= set(graph.modules)
     users = {module: sorted(shims & set(targets)) for module, targets in graph.edges.items() if shims & set(targets)}
     assert users == {}
+
+
+# Private members of objects outside promptseg that promptseg has no public way to reach.
+OUTSIDE_PRIVATE = {("promptseg.backends.meta.backend", "self.model._get_dummy_prompt")}  # Meta's sam3 model
+
+
+def private_reaches(source: str) -> list[str]:
+    """``obj._member`` uses in `source` where ``obj`` is not ``self`` or ``cls``: one module reaching
+    into another object's internals (as ``segmenter._lock`` from the tiling module once did)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_core_stages_use_no_private_member_of_another_object():
+    modules = find_modules({CORE: PACKAGES[CORE]})
+    reaches = {(module, use) for module, path in modules.items() for use in private_reaches(path.read_text())}
+    assert reaches == OUTSIDE_PRIVATE
+    assert private_reaches("with segmenter._lock:\n    segmenter._decode(f)\nself._cache\n") == [
+        "segmenter._lock", "segmenter._decode",
+    ]

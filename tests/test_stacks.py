@@ -144,3 +144,29 @@ def test_cli_segments_a_tiff_stack_into_a_label_volume(tiny_sam3_dir, tmp_path):
     assert code == 0
     volume = tifffile.imread(out / "stack.labels.tif")
     assert volume.shape == (3, 60, 70) and volume.max() >= 1
+
+
+def test_stacks_need_only_a_per_slice_callable():
+    """`segment_stack` scales each slice and links what a plain `segment_slice(rgb)` finds: no segmenter."""
+    from promptseg.options import PixelOptions
+    from promptseg.results import Instance, SegmentationResult
+    from promptseg.stacks import segment_stack
+
+    labels, kinds, _ = truth_volume()
+    counts = (labels > 0).astype(np.uint16) * 40000 + 1000  # 16-bit: objects bright, background dim
+    seen = []
+
+    def segment_slice(rgb):
+        seen.append(rgb.dtype)
+        index = len(seen) - 1
+        found = []
+        for obj in np.unique(labels[index][labels[index] > 0]):
+            ys, xs = np.nonzero((labels[index] == obj) & (rgb[..., 0] > 127))  # what the scaled pixels show
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            found.append(Instance("cell", 0.9, (int(x0), int(y0), int(x1), int(y1)),
+                                  (labels[index] == obj)[y0:y1, x0:x1]))
+        return SegmentationResult(found, rgb.shape[:2], ["cell"])
+
+    result = segment_stack(counts, ["cell"], segment_slice, PixelOptions(percentiles=(0, 100)), link=True)
+    assert seen == [np.uint8] * len(labels)
+    assert_same_partition(result.to_label_volume(), labels)

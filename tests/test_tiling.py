@@ -270,3 +270,30 @@ def test_cli_tiles_a_large_16_bit_image(tiny_sam3_dir, tmp_path):
     record = json.loads((out / "big.json").read_text())
     assert record["image_size"] == [130, 150] and record["instances"]
     assert {inst["tiles"] for inst in record["instances"]} <= set(range(1, 10))
+
+
+def test_tiling_needs_only_a_detect_callable():
+    """`segment_tiled` stitches whatever a plain `detect(pixels, boxes, labels)` function finds: no segmenter."""
+    from promptseg.masks import tight_box
+    from promptseg.options import CleanupOptions
+    from promptseg.results import Instance, SegmentationResult
+    from promptseg.tiling import segment_tiled
+
+    labels, kinds = designed_scene()
+    rgb = render(labels, kinds)
+    calls = []
+
+    def detect(pixels, boxes, box_labels):  # reads the object ids the scene's pixels encode
+        calls.append(pixels.shape[:2])
+        ids = pixels[..., 0].astype(np.int64) + 256 * pixels[..., 1].astype(np.int64)
+        found = []
+        for obj in np.unique(ids[ids > 0]):
+            x0, y0, x1, y1 = tight_box(ids == obj)
+            phrase = next(p for p, code in VOCAB.items() if code == kinds[int(obj)])
+            found.append(Instance(label=phrase, score=score_of(int(obj)), box=(x0, y0, x1, y1),
+                                  mask=(ids == obj)[y0:y1, x0:x1]))
+        return found, "computed"
+
+    instances, origin, info = segment_tiled(rgb, 128, 32, detect, CleanupOptions())
+    assert len(calls) == info["tiles"] == len(tile_grid(rgb.shape[:2], 128, 32)) and origin == "computed"
+    assert_reconstructs(SegmentationResult(instances, labels.shape, list(VOCAB)), labels, kinds)
