@@ -3,15 +3,16 @@
 `Segmenter.segment` composes stages that each read only their part of `SegmentOptions` and
 hand their output forward; none calls back into an earlier one:
 
-    options   SegmentOptions.from_flat / replace           (promptseg.options: every default, every check)
-    query     prompts, exemplars -> Query                    (clip.verify.prompt_phrases: English phrases)
-    load      image -> RGB pixels              .pixels       (images.load_image)
-    embed     RGB -> image embedding                         (cache: memory, disk, else the encoder)
-    decode    embedding, phrases -> raw instances  .decoding (backend.decode, masks.instances_from_probs)
-    clean up  raw -> instances                 .cleanup      (masks.postprocess)
-      or, for a large image, per tile embed -> decode, then stitch and clean up   .tiling (tiling)
-    CLIP      instances -> checked instances   .clip         (clip.verify.check_with_clip)
-    result    SegmentationResult
+    stage     what goes in -> what comes out           reads      where
+    options   flat names -> SegmentOptions                        options (every default and check)
+    query     prompts, exemplars -> Query              .clip      clip.verify.prompt_phrases
+    load      image -> RGB pixels                      .pixels    images.load_image
+    embed     RGB -> image embedding                              cache (memory, disk), else the encoder
+    decode    embedding, phrases -> raw instances      .decoding  backend.decode, masks.instances_from_probs
+    clean up  raw instances -> instances               .cleanup   masks.postprocess
+     (tiled)  per tile embed -> decode, then stitch    .tiling    tiling.segment_tiled(detect=...)
+    CLIP      instances -> checked instances           .clip      clip.verify.check_with_clip
+    result    -> SegmentationResult                               results
 
 `Segmenter.detect` (embed + decode of one image or tile) is what `tiling` receives as a
 callable; `segment_stack` hands `stacks` a callable running `segment_rgb` on each slice.
@@ -191,16 +192,17 @@ class Segmenter:
         boxes of example objects (label 1) or counter-examples (label 0).
 
         Large images: `tile` (pixels, ``"auto"`` or None) splits the image into tiles overlapping
-        by `overlap` pixels (default tile // 8), each embedded and cached on its own, and stitches
-        objects cut by tile borders (see `promptseg.tiling`). Scientific pixels: `percentiles`
+        by `overlap` pixels (default an eighth of the tile), each embedded and cached on its own,
+        and stitches objects cut by tile borders (see `promptseg.tiling`). Scientific pixels: `percentiles`
         (low, high) map non-uint8 values to 0..255; `channels` picks up to three channels as RGB.
         `progress(total, advance)` is told the number of tiles (1 untiled) and each one done;
         `cancel()` is checked before each, raising `CancelledError`.
 
         With a CLIP scorer (``load_segmenter(clip=...)``) every instance gets ``clip_score`` and
         a fused ``score`` (see `promptseg.clip.verify`); `verify` drops instances whose CLIPScore is
-        below `clip_threshold` (default 0.5); `negative` phrases drop instances CLIP finds closer
-        to them than to their prompt by more than `negative_margin`; `exclusive` gives each
+        below `clip_threshold` (`promptseg.options.DEFAULT_CLIP_THRESHOLD` when not set); `negative`
+        phrases drop instances CLIP finds closer to them than to their prompt by more than
+        `negative_margin`; `exclusive` gives each
         object one label of the prompt set. Non-English prompts are mapped to English phrases
         with a multilingual CLIP.
         """
@@ -209,6 +211,7 @@ class Segmenter:
         return self._segment_image(image, query, options, progress, cancel)
 
     def _segment_image(self, image, query: Query, options: SegmentOptions, progress=None, cancel=None):
+        """load -> `segment_rgb`, the result named after its file when it has one."""
         rgb = self.load(image, options.pixels)
         result = self.segment_rgb(rgb, query, options, progress=progress, cancel=cancel)
         result.source = str(image) if isinstance(image, (str, os.PathLike)) else None
