@@ -7,6 +7,7 @@ import logging
 import os
 
 from promptseg.hookspecs import hookimpl
+from promptseg.options import option_info
 
 logger = logging.getLogger(__name__)
 RESERVED_THREADS = 2  # kept free of /predict so /health and /setup answer at once
@@ -60,7 +61,8 @@ def promptseg_add_commands(subparsers) -> None:
     serve.add_argument("--port", type=port_number, default=9090, help="port, 1-65535 (default: %(default)s)")
     serve.add_argument("--model", default=None, help="hub id or local directory (default: PROMPTSEG_MODEL or facebook/sam3)")
     serve.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
-    serve.add_argument("--threshold", type=float, default=None, help="default score threshold (PROMPTSEG_THRESHOLD, else 0.5)")
+    serve.add_argument("--threshold", type=float, default=None,
+                       help=f"default score threshold (PROMPTSEG_THRESHOLD, else {option_info('threshold').default})")
     serve.add_argument("--threads", type=thread_count, default=4,
                        help="request threads; all but 2 may run predictions at once (default: %(default)s)")
     serve.add_argument("--trust-setup-host", action="store_true", default=None,

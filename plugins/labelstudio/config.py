@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from promptseg.errors import OptionError
+from promptseg.options import SegmentOptions
 from promptseg_labelstudio.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, DownloadLimits
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
@@ -33,13 +34,15 @@ class BackendConfig:
     files; without it plain paths are refused. Downloads stop past `max_download_bytes` or
     `download_timeout` seconds. At most `work_slots` ``/predict`` requests run at once (more get
     503), so the server's other threads stay free for ``/health`` and ``/setup``; None: no limit.
+    `threshold` is the default score threshold of every project (None: the core's); a project's
+    extra params may set it and any other option (see `segment_options`).
     """
 
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     cache_dir: Path | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
     label_studio_url: str | None = None
     api_key: str | None = None
     basic_auth_user: str | None = None
@@ -54,8 +57,10 @@ class BackendConfig:
     work_slots: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
-            raise OptionError(f"PROMPTSEG_THRESHOLD must be a number between 0 and 1, got {self.threshold!r}.")
+        try:
+            self.segment_options  # noqa: B018 - the core checks the threshold
+        except OptionError as exc:
+            raise OptionError(f"PROMPTSEG_THRESHOLD (the default score threshold): {exc}") from None
         if self.label_studio_url:
             self.label_studio_url = check_base_url(self.label_studio_url, "LABEL_STUDIO_URL")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
@@ -78,6 +83,11 @@ class BackendConfig:
             raise OptionError(f"PROMPTSEG_WORK_SLOTS must be at least 1, got {self.work_slots}.")
 
     @property
+    def segment_options(self) -> SegmentOptions:
+        """The options of a project whose extra params set none: the core's defaults, with `threshold`."""
+        return SegmentOptions.from_flat(**({} if self.threshold is None else {"threshold": self.threshold}))
+
+    @property
     def setup_may_name_host(self) -> bool:
         """Whether ``/setup`` may name the Label Studio host: only when callers are authenticated or the operator says so."""
         return self.trust_setup_host or bool(self.basic_auth_user)
@@ -92,9 +102,9 @@ class BackendConfig:
         env = os.environ if environ is None else environ
         threshold = env.get("PROMPTSEG_THRESHOLD")
         try:
-            threshold_value = float(threshold) if threshold not in (None, "") else 0.5
+            threshold_value = float(threshold) if threshold not in (None, "") else None
         except ValueError:
-            raise OptionError(f"PROMPTSEG_THRESHOLD must be a number between 0 and 1, got {threshold!r}.") from None
+            raise OptionError(f"PROMPTSEG_THRESHOLD must be a number, got {threshold!r}.") from None
         root = env.get("LOCAL_FILES_DOCUMENT_ROOT") or env.get("PROMPTSEG_DOCUMENT_ROOT")
         values = dict(
             model=env.get("PROMPTSEG_MODEL") or None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from promptseg.errors import ImageError, OptionError, PromptsegError
+from promptseg.options import SegmentOptions, check_names
 from promptseg_labelstudio.config import BackendConfig, check_base_url
 from promptseg_labelstudio.fetch import ImageFetcher, LabelStudioSource, host_entry
 from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
@@ -23,10 +24,9 @@ from promptseg_labelstudio.regions import regions_for
 
 logger = logging.getLogger(__name__)
 
-SEGMENT_PARAMS = {
-    "threshold": float, "mask_threshold": float, "min_area": int, "smooth": int, "max_instances": int,
-}
-EXTRA_PARAMS = {**SEGMENT_PARAMS, "polygon_tolerance": float}
+POLYGON_TOLERANCE = "polygon_tolerance"
+"""The one extra param that is not a `SegmentOptions` field: how far (pixels) polygon outlines may
+simplify a contour (0 keeps every vertex)."""
 SETUP_HOST_REFUSED = (
     "a host named by an unauthenticated /setup never receives a token: set LABEL_STUDIO_URL, or allow "
     "/setup to name the host by turning on basic auth (BASIC_AUTH_USER, BASIC_AUTH_PASS) or setting "
@@ -39,12 +39,14 @@ class ProjectSettings:
     """What ``/setup`` told us about one project.
 
     `hostname` is kept only when the backend may take the Label Studio host from ``/setup``;
-    otherwise it is `refused_hostname`, remembered for the error message.
+    otherwise it is `refused_hostname`, remembered for the error message. `options` are the
+    backend's defaults with the project's extra params on top (None: the backend's defaults).
     """
 
     hostname: str | None = None
     access_token: str | None = None
-    params: dict | None = None
+    options: SegmentOptions | None = None
+    polygon_tolerance: float = 0.0
     refused_hostname: str | None = None
 
 
@@ -74,8 +76,8 @@ class PromptsegMLBackend:
               access_token: str | None = None, extra_params: Any = None) -> dict:
         """Check the project's config and remember its host (if trusted), token and extra params."""
         parse_labeling_config(schema)
-        params = self._check_extra_params(extra_params)
-        settings = ProjectSettings(access_token=access_token or None, params=params)
+        options, tolerance = self._project_options(extra_params)
+        settings = ProjectSettings(access_token=access_token or None, options=options, polygon_tolerance=tolerance)
         if hostname:
             hostname = check_base_url(hostname, "The hostname sent by /setup")
             configured = self.config.label_studio_url
@@ -96,8 +98,8 @@ class PromptsegMLBackend:
         """One prediction per task, in order; a task that fails gets ``{"error": ...}`` instead."""
         plan = parse_labeling_config(label_config)
         settings = self._settings(project)
-        options = self._segment_options(settings.params)
-        tolerance = float((settings.params or {}).get("polygon_tolerance", 0.0))
+        options = settings.options or self.config.segment_options
+        tolerance = settings.polygon_tolerance
         fetcher = self._fetcher(settings)
         hint = self._no_source_hint(settings)
         typed = typed_prompt(context, plan) if context else None
@@ -137,7 +139,7 @@ class PromptsegMLBackend:
             phrases, phrase_to_label = plan.batch_prompts()
             label_of = lambda inst: phrase_to_label.get(inst.label)  # noqa: E731
         with fetcher.local_image(reference, task.get("id"), hint) as path:
-            result = self.segmenter.segment(path, phrases, **options)
+            result = self.segmenter.segment(path, phrases, options=options)
         regions = regions_for(result, plan.outputs, label_of, tolerance)
         scores = [inst.score for inst in result.instances]
         return {
@@ -186,14 +188,14 @@ class PromptsegMLBackend:
                 self._fetchers[source] = fetcher
             return fetcher
 
-    def _segment_options(self, params: dict | None) -> dict:
-        options = {"threshold": self.config.threshold}
-        options.update({k: v for k, v in (params or {}).items() if k in SEGMENT_PARAMS})
-        return options
+    def _project_options(self, extra: Any) -> tuple[SegmentOptions, float]:
+        """A project's options and polygon tolerance from its extra params (a JSON object).
 
-    def _check_extra_params(self, extra: Any) -> dict:
-        if extra in (None, "", {}):
-            return {}
+        Every `SegmentOptions` field may be set there, by its flat name; the core checks names and
+        values (`OptionError`, answered 422 by ``/setup``). Unset ones keep the backend's defaults.
+        """
+        if extra in (None, ""):
+            extra = {}
         if isinstance(extra, str):
             import json
 
@@ -203,23 +205,17 @@ class PromptsegMLBackend:
                 raise OptionError(f"Extra params must be a JSON object, got {extra!r}.") from None
         if not isinstance(extra, dict):
             raise OptionError(f"Extra params must be a JSON object such as {{\"threshold\": 0.3}}, got {extra!r}.")
-        params = {}
-        for key, value in extra.items():
-            if key not in EXTRA_PARAMS:
-                logger.info("Ignoring unknown extra param %r (known: %s)", key, ", ".join(EXTRA_PARAMS))
-                continue
-            if value is None:
-                continue
-            try:
-                params[key] = EXTRA_PARAMS[key](value)
-            except (TypeError, ValueError):
-                raise OptionError(f"Extra param {key!r} must be a number, got {value!r}.") from None
-        if params.get("polygon_tolerance", 0) < 0:
-            raise OptionError("Extra param 'polygon_tolerance' must be >= 0 (pixels; 0 keeps every contour vertex).")
-        from promptseg.segmenter import check_options
-
-        check_options(**self._segment_options(params))  # what predict will pass; the rest keep the core's defaults
-        return params
+        flat = dict(extra)
+        tolerance = flat.pop(POLYGON_TOLERANCE, None)
+        tolerance = 0.0 if tolerance is None else tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+            raise OptionError(f"Extra param 'polygon_tolerance' must be a number >= 0 (pixels; 0 keeps every contour "
+                              f"vertex), got {tolerance!r}.")
+        try:
+            check_names(flat)
+        except OptionError as exc:
+            raise OptionError(f"{exc} Extra params also take {POLYGON_TOLERANCE!r} (pixels).") from None
+        return self.config.segment_options.replace(**flat), float(tolerance)
 
 
 def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:

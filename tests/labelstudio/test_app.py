@@ -168,6 +168,45 @@ def test_extra_params_override_default_threshold(make_app, ls_image_root):
     assert high["result"] == [] and len(default["result"]) > 0
 
 
+def test_unknown_extra_param_names_the_valid_ones(client):
+    response = client.post("/setup", json={"project": "1.1", "schema": CONFIGS["brush"], "extra_params": {"min_aera": 5}})
+    assert response.status_code == 422
+    error = response.json["error"]
+    assert "Did you mean 'min_area'" in error and "polygon_tolerance" in error and "threshold, mask_threshold" in error
+
+
+def test_backend_defaults_are_the_cores(monkeypatch):
+    from promptseg.options import SegmentOptions
+    from promptseg_labelstudio.config import BackendConfig
+
+    monkeypatch.delenv("PROMPTSEG_THRESHOLD", raising=False)
+    assert BackendConfig().segment_options == SegmentOptions()
+    assert BackendConfig.from_env().segment_options == SegmentOptions()
+    monkeypatch.setenv("PROMPTSEG_THRESHOLD", "0.3")
+    assert BackendConfig.from_env().segment_options == SegmentOptions.from_flat(threshold=0.3)
+
+
+@pytest.mark.parametrize("extra", [
+    {"min_area": "largest"},  # filled in below: the area of the largest instance
+    {"iou_threshold": None, "cross_prompt_iou": None},
+    {"tile": 64, "max_instances": 2},
+], ids=["min_area", "no-dedupe", "tiled"])
+def test_any_core_option_in_extra_params_reaches_the_core(make_app, ls_model, ls_image_root, extra):
+    prompts = ["cat", "small dog"]
+    everything = core_result(ls_model, ls_image_root, "image0.png", prompts)
+    if extra.get("min_area") == "largest":
+        extra = {"min_area": max(inst.area for inst in everything.instances)}
+    expected = ls_model.segmenter.segment(str(ls_image_root / "image0.png"), prompts, threshold=THRESHOLD, **extra)
+    assert 0 < len(expected) != len(everything), "the option changes what the core finds"
+    client = make_app().test_client()
+    assert client.post("/setup", json={"project": "51.1", "schema": CONFIGS["brush"], "extra_params": extra}).status_code == 200
+    [prediction] = predict(client, CONFIGS["brush"], ["image0.png"], project="51.1")
+    regions = prediction["result"]
+    assert len(regions) == len(expected)
+    for region, inst in zip(regions, expected.instances):
+        np.testing.assert_array_equal(decode_brush(region), inst.full_mask(*expected.image_size))
+
+
 def test_default_threshold_comes_from_environment(monkeypatch):
     from promptseg_labelstudio.config import BackendConfig
 
@@ -180,8 +219,10 @@ def test_default_threshold_comes_from_environment(monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     ({"threshold": 2}, "threshold must be a number between 0 and 1"),
-    ({"min_area": "lots"}, "'min_area' must be a number"),
+    ({"min_area": "lots"}, "min_area must be a whole number of pixels >= 0, got 'lots'"),
     ("not json", "must be a JSON object"),
+    ({"thresold": 0.3}, "Unknown option 'thresold'"),
+    ({"polygon_tolerance": -1}, "'polygon_tolerance' must be a number >= 0"),
 ])
 def test_bad_extra_params_are_rejected_at_setup(client, extra, message):
     response = client.post("/setup", json={"project": "1.1", "schema": CONFIGS["brush"], "extra_params": extra})
@@ -383,3 +424,14 @@ def test_wsgi_entry_builds_the_app_lazily_from_the_environment(monkeypatch, tiny
     assert wsgi.app is wsgi.app
     [prediction] = predict(client, CONFIGS["rectangle"], ["image0.png"])
     assert len(prediction["result"]) > 0
+
+
+def test_the_docs_options_table_names_every_core_option():
+    import re
+    from pathlib import Path
+
+    from promptseg.options import SegmentOptions
+
+    text = (Path(__file__).parents[2] / "docs" / "labelstudio.md").read_text()
+    table = text[text.index("## Options"):text.index("## Labeling configs")]
+    assert set(SegmentOptions.names()) <= set(re.findall(r"`([a-z_]+)`", table))
