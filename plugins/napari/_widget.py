@@ -34,6 +34,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
 from promptseg.errors import CancelledError, PromptsegError
+from promptseg.options import SegmentOptions, option_info
 from promptseg.segmenter import default_model
 from promptseg.sessions import shared_segmenter
 from promptseg_napari._layers import (
@@ -52,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TILING = ("off", "auto", "on")
+WIDGET_OPTIONS = ("threshold", "smooth", "min_area", "tile", "channels")
+"""The `SegmentOptions` the widget shows; their defaults, limits and help come from the core, and
+every other option keeps the core's default."""
+DEFAULT_TILE_SIZE = 1008  # what 'on' starts from: SAM 3's input size
 SOURCE_TEXT = {
     "computed": "computed (first time on this image)",
     "memory": "cached (memory): image encoder skipped",
@@ -68,7 +73,7 @@ class Job:
     prompts: list[str]
     model: str
     device: str
-    options: dict[str, Any]
+    options: SegmentOptions
     link: bool
     keep: bool
 
@@ -104,13 +109,13 @@ def run_job(job: Job, progress, cancel) -> Outcome:
             # a lazy (dask, zarr) layer is passed as it is: read one slice at a time
             result = segmenter.segment_stack(
                 job.source.data, job.prompts, axes=job.source.axes, link=job.link,
-                progress=progress, cancel=cancel, **job.options,
+                options=job.options, progress=progress, cancel=cancel,
             )
             labels, features = labels_from_stack(result)
             skipped = result.errors
         else:
             result = segmenter.segment(
-                job.source.single_image(), job.prompts, progress=progress, cancel=cancel, **job.options
+                job.source.single_image(), job.prompts, options=job.options, progress=progress, cancel=cancel
             )
             labels, features = labels_from_result(result)
         return Outcome(
@@ -132,21 +137,25 @@ class SegmentWidget(Container):
                               tooltip="The image layer to segment (2D, RGB, multichannel, z-stack or time series).")
         self.axes = ComboBox(label="axes", choices=AXES_CHOICES, value="auto",
                              tooltip="Layout of the layer: Z or T = slices, C = channels. 'auto' guesses.")
-        self.channels = LineEdit(label="channels", value="",
+        self.channels = LineEdit(label="channels", value=_channels_text(option_info("channels").default),
                                  tooltip="Up to three channel numbers shown to the model as RGB, e.g. '0, 2'. "
                                          "Blank: the first three.")
         self.prompts = LineEdit(label="prompts", value="",
                                 tooltip="What to segment; several prompts separated by commas, e.g. 'nucleus, mitotic cell'.")
-        self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5,
-                                     tooltip="Keep instances scoring above this (detection x presence).")
-        self.smooth = SpinBox(label="mask smoothness", min=0, max=50, value=0,
-                              tooltip="Close each mask with a disc of this radius (pixels); 0 = off.")
-        self.min_area = SpinBox(label="min area (px)", min=0, max=10_000_000, value=0,
-                                tooltip="Drop instances smaller than this many pixels.")
-        self.tiling = ComboBox(label="tiling", choices=TILING, value="off",
-                               tooltip="Split large images into overlapping tiles at the model's resolution. "
-                                       "'auto' tiles images much larger than the model input.")
-        self.tile_size = SpinBox(label="tile size (px)", min=64, max=16384, step=16, value=1008, enabled=False)
+        threshold, smooth, min_area = option_info("threshold"), option_info("smooth"), option_info("min_area")
+        self.threshold = FloatSlider(label="threshold", min=threshold.minimum, max=threshold.maximum, step=0.01,
+                                     value=threshold.default, tooltip=_tip(threshold))
+        self.smooth = SpinBox(label="mask smoothness", min=smooth.minimum, max=50, value=smooth.default,
+                              tooltip=_tip(smooth))
+        self.min_area = SpinBox(label="min area (px)", min=min_area.minimum, max=10_000_000, value=min_area.default,
+                                tooltip=_tip(min_area))
+        tile = option_info("tile")
+        self.tiling = ComboBox(label="tiling", choices=TILING, value=_tiling_choice(tile.default),
+                               tooltip="'on' splits the image into overlapping tiles of 'tile size' pixels, each at "
+                                       "the model's resolution; 'auto' tiles images much larger than the model input.")
+        self.tile_size = SpinBox(label="tile size (px)", min=tile.minimum, max=16384, step=16,
+                                 value=tile.default if isinstance(tile.default, int) else DEFAULT_TILE_SIZE,
+                                 enabled=self.tiling.value == "on")
         self.link = CheckBox(text="link slices into 3D objects", value=True,
                              tooltip="In a z-stack or time series, give an object one id through the slices.")
         self.model = LineEdit(label="model", value=default_model(),
@@ -223,14 +232,16 @@ class SegmentWidget(Container):
         model = self.model.value.strip()
         if not model:
             raise OptionError("The model is empty: give a hub id such as facebook/sam3 or a local model directory.")
-        tile = {"off": None, "auto": "auto", "on": int(self.tile_size.value)}[self.tiling.value]
-        options = {
-            "threshold": float(self.threshold.value), "smooth": int(self.smooth.value),
-            "min_area": int(self.min_area.value), "tile": tile,
-            "channels": parse_channels(self.channels.value),
-        }
         return Job(image=layer, source=source, prompts=prompts, model=model, device=self.device.value,
-                   options=options, link=bool(self.link.value), keep=bool(self.keep.value))
+                   options=self.segment_options(), link=bool(self.link.value), keep=bool(self.keep.value))
+
+    def segment_options(self) -> SegmentOptions:
+        """The `SegmentOptions` the form's fields say (`WIDGET_OPTIONS`; the rest are the core's defaults)."""
+        tile = {"off": None, "auto": "auto", "on": int(self.tile_size.value)}[self.tiling.value]
+        return SegmentOptions.from_flat(
+            threshold=float(self.threshold.value), smooth=int(self.smooth.value), min_area=int(self.min_area.value),
+            tile=tile, channels=parse_channels(self.channels.value),
+        )
 
     def run(self, *_args) -> Any:
         """Start a run in a thread worker (returns it), or show why it cannot start."""
@@ -341,3 +352,19 @@ class SegmentWidget(Container):
             target.metadata.update(metadata)
         self._outputs[id(job.image)] = (weakref.ref(job.image), target)
         return target
+
+
+def _tip(info) -> str:
+    """A widget tooltip from an option's one-line help."""
+    return info.help[:1].upper() + info.help[1:] + "."
+
+
+def _tiling_choice(tile) -> str:
+    """The tiling choice that shows a `tile` value: None is off, 'auto' is auto, a size is on."""
+    return {None: "off", "auto": "auto"}.get(tile, "on")
+
+
+def _channels_text(channels) -> str:
+    """The channels field's text for a `channels` value (None: blank, the first three)."""
+    return "" if channels is None else ", ".join(map(str, channels))
+

@@ -55,3 +55,18 @@ def test_sample_data_is_made_by_code():
     assert kind == "image" and data.dtype.name == "uint16" and data.shape == (512, 512)
     assert data.max() > 4 * data.min() > 0, "bright nuclei over a dim, non-zero background"
     assert (make_nuclei((64, 64), seed=3) == make_nuclei((64, 64), seed=3)).all()
+
+
+def test_the_docs_options_table_names_every_core_option_and_the_widgets_subset():
+    import re
+    from pathlib import Path
+
+    from promptseg.options import SegmentOptions
+    from promptseg_napari._widget import WIDGET_OPTIONS
+
+    text = (Path(__file__).parents[2] / "docs" / "napari.md").read_text()
+    table = text[text.index("### Options"):text.index("## What you get")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert set(SegmentOptions.names()) <= {n for row in rows for n in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    shown = {n for row in rows if "not shown" not in row for n in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert shown == set(WIDGET_OPTIONS)

@@ -246,3 +246,52 @@ def test_tiling_progress_counts_tiles(viewer_widget, run_widget):
     assert steps == [(4, 0)] + [(4, 1)] * 4
     assert widget.progress.value == widget.progress.max == 4
     assert viewer.layers[-1].data.shape == (200, 200)
+
+
+def test_form_defaults_limits_and_help_are_the_cores(viewer_widget):
+    from promptseg.options import SegmentOptions, option_info
+    from promptseg_napari._widget import SegmentWidget
+
+    viewer, _ = viewer_widget
+    widget = SegmentWidget(viewer)  # a fresh one, as it opens (the fixture's has threshold 0)
+    viewer.window.add_dock_widget(widget, name="Segment by text (fresh)")
+    assert widget.segment_options() == SegmentOptions()
+    for name in ("threshold", "smooth", "min_area"):
+        control, info = getattr(widget, name), option_info(name)
+        assert control.value == info.default and control.min == info.minimum, name
+        assert info.help[1:] in control.tooltip, name
+    assert widget.threshold.max == option_info("threshold").maximum
+    assert widget.tiling.value == "off" and option_info("tile").default is None
+
+
+def test_form_options_reach_the_core(viewer_widget, run_widget):
+    from promptseg.options import SegmentOptions
+    from promptseg.sessions import shared_segmenter
+
+    viewer, widget = viewer_widget
+    image = viewer.add_image(structured((96, 128), seed=21))
+    widget.prompts.value = "cell, blob"
+    everything = run_widget(widget)
+    areas = sorted(everything.features["area"])
+    assert len(areas) > 1
+    widget.min_area.value, widget.smooth.value = areas[-1], 1
+
+    outcome = run_widget(widget)
+
+    options = SegmentOptions.from_flat(threshold=0.0, min_area=areas[-1], smooth=1)
+    assert widget.segment_options() == options
+    expected = shared_segmenter(widget.model.value, device="cpu").segment(image.data, ["cell", "blob"], options)
+    assert 0 < len(outcome.features["area"]) < len(areas)
+    assert outcome.features["area"] == [inst.area for inst in expected.instances]
+    np.testing.assert_array_equal(outcome.labels, expected.to_label_image(np.int32))
+
+
+def test_bad_channels_are_refused_by_the_core_before_a_run(viewer_widget, notifications):
+    viewer, widget = viewer_widget
+    viewer.add_image(np.zeros((5, 32, 32), dtype=np.uint16))
+    widget.axes.value = "CYX"
+    widget.prompts.value = "cell"
+    widget.channels.value = "0, 1, 2, 3"
+
+    assert widget.run() is None and not widget.running
+    assert any("channels must be one to three channel indices" in m for m in _errors(notifications))
