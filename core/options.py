@@ -439,8 +439,8 @@ def resolve_options(options: Any = None, flat: Mapping[str, Any] | None = None) 
 
 __all__ = [
     "DEFAULT_CLIP_THRESHOLD",
-    "ClipOptions",
     "CleanupOptions",
+    "ClipOptions",
     "DecodingOptions",
     "OptionInfo",
     "PixelOptions",

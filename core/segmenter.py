@@ -583,4 +583,7 @@ def _options(options: Any, flat: dict[str, Any]) -> SegmentOptions:
     return resolve_options(options, flat)
 
 
-__all__ = ["DEFAULT_MODEL", "SegmentOptions", "Segmenter", "check_exemplars", "check_options", "default_model", "load_segmenter"]
+__all__ = [
+    "DEFAULT_MODEL", "Query", "SegmentOptions", "Segmenter", "check_exemplars", "check_options", "default_model",
+    "load_segmenter",
+]
