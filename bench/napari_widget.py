@@ -68,12 +68,14 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from promptseg.options import SegmentOptions
     from promptseg.sessions import shared_segmenter
     from promptseg_napari._widget import SegmentWidget
 
     model = str(model_dir(args.size))
     slices, size = (12, 160) if args.size == "tiny" else (3, 512)
-    threshold = 0.0 if args.size == "tiny" else 0.5
+    # the random tiny model scores about 0.25; the full-size one runs with the core's default
+    threshold = 0.0 if args.size == "tiny" else SegmentOptions().decoding.threshold
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     widget = SegmentWidget(viewer)
