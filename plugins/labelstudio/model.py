@@ -215,7 +215,11 @@ class PromptsegMLBackend:
             check_names(flat)
         except OptionError as exc:
             raise OptionError(f"{exc} Extra params also take {POLYGON_TOLERANCE!r} (pixels).") from None
-        return self.config.segment_options.replace(**flat), float(tolerance)
+        options = self.config.segment_options.replace(**flat)
+        if options.clip.asked and getattr(self.segmenter, "clip", None) is None:
+            raise OptionError(f"Extra params {', '.join(options.clip.asked)} need a CLIP model, which this backend "
+                              "does not load: remove them from the project's extra params.")
+        return options, float(tolerance)
 
 
 def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:

@@ -223,6 +223,7 @@ def test_default_threshold_comes_from_environment(monkeypatch):
     ("not json", "must be a JSON object"),
     ({"thresold": 0.3}, "Unknown option 'thresold'"),
     ({"polygon_tolerance": -1}, "'polygon_tolerance' must be a number >= 0"),
+    ({"verify": True, "negative": "toy cat"}, "verify, negative need a CLIP model, which this backend does not load"),
 ])
 def test_bad_extra_params_are_rejected_at_setup(client, extra, message):
     response = client.post("/setup", json={"project": "1.1", "schema": CONFIGS["brush"], "extra_params": extra})
