@@ -39,6 +39,15 @@ def tiny_sam3_dir(tmp_path_factory) -> Path:
     return make_random_sam3(tmp_path_factory.mktemp("models") / "tiny-sam3")
 
 
+@pytest.fixture(scope="session")
+def tiny_sam3_hub_dir(tmp_path_factory) -> Path:
+    """A tiny random SAM 3 in the hub's layout (``facebook/sam3`` is a video model: ``detector_model.*``,
+    ``tracker_model.*``, ``tracker_neck.*``), so visual prompts load the tracker as users do."""
+    from promptseg.testing import make_random_sam3_video
+
+    return make_random_sam3_video(tmp_path_factory.mktemp("models") / "tiny-sam3-hub")
+
+
 @pytest.fixture
 def make_segmenter(tiny_sam3_dir, tmp_path):
     """Factory for fresh segmenters on the tiny model; each call may share or not share a cache dir."""

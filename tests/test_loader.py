@@ -173,3 +173,18 @@ def test_fp16_runs_on_cpu_for_parity_checks(tiny_sam3_dir, rgb_image):
     seg = promptseg.load_segmenter(str(tiny_sam3_dir), dtype="fp16", cache_dir=False)
     result = seg.segment(rgb_image, "cat", threshold=0.0)
     assert len(result) > 0 and np.isfinite(result.scores).all()
+
+
+def test_hub_layout_loads_through_the_loader_and_segments_text(tiny_sam3_hub_dir, rgb_image):
+    import torch
+
+    weights = load_file(tiny_sam3_hub_dir / "model.safetensors")
+    assert {name.split(".")[0] for name in weights} == {"detector_model", "tracker_model", "tracker_neck"}
+    assert not any(name.startswith("tracker_model.tracker_model.") for name in weights)  # the hub's names
+    seg = promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=False)
+    detector = seg.backend.model.state_dict()
+    from_checkpoint = {name[len("detector_model."):]: t for name, t in weights.items() if name.startswith("detector_model.")}
+    assert set(from_checkpoint) <= set(detector)
+    assert all(torch.equal(detector[name], tensor) for name, tensor in from_checkpoint.items())
+    result = seg.segment(rgb_image, ["cat", "dog"], threshold=0.0)
+    assert len(result) > 0 and set(result.labels) <= {"cat", "dog"}

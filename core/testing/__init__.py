@@ -3,6 +3,7 @@
 For tests, benchmarks and `promptseg doctor` (which proves an install end to end on one):
 
 * `make_random_sam3`, `sam3_config` (`promptseg.testing.sam3`): SAM 3 in transformers' format;
+  `make_random_sam3_video`, `sam3_video_config`: the hub's layout (detector, tracker, one trunk);
 * `make_random_meta_sam3` (`promptseg.testing.meta`): SAM 3 as Meta's ``sam3.pt``;
 * `make_random_clip` (`promptseg.testing.clip`): a tiny OpenCLIP, monolingual or multilingual.
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from promptseg._lazy import load_attribute
 from promptseg.testing.clip import make_random_clip
-from promptseg.testing.sam3 import make_random_sam3, sam3_config
+from promptseg.testing.sam3 import make_random_sam3, make_random_sam3_video, sam3_config, sam3_video_config
 
 if TYPE_CHECKING:
     from promptseg.testing.meta import make_random_meta_sam3
@@ -28,4 +29,7 @@ def __getattr__(name: str):
     return load_attribute(__name__, _LAZY, name)
 
 
-__all__ = ["make_random_clip", "make_random_meta_sam3", "make_random_sam3", "sam3_config"]
+__all__ = [
+    "make_random_clip", "make_random_meta_sam3", "make_random_sam3", "make_random_sam3_video", "sam3_config",
+    "sam3_video_config",
+]

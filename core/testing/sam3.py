@@ -56,3 +56,54 @@ def make_random_sam3(directory: str | Path, size: str = "tiny", seed: int = 0, *
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     return directory
+
+
+def sam3_video_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20):
+    """A ``Sam3VideoConfig`` like the hub's ``facebook/sam3``: the detector of `sam3_config` and a
+    tracker sharing its vision trunk (``"full"``: the released sizes)."""
+    from transformers import Sam3TrackerVideoConfig, Sam3VideoConfig
+
+    if size == "full":
+        return Sam3VideoConfig()
+    detector = sam3_config(size, image_size=image_size, num_queries=num_queries)
+    hidden = detector.vision_config.fpn_hidden_size
+    tracker = Sam3TrackerVideoConfig(
+        vision_config=detector.vision_config.to_dict(), image_size=image_size,
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size, patch_size=14, mask_input_channels=8),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64, memory_encoder_hidden_size=hidden,
+        memory_encoder_output_channels=16, mask_downsampler_embed_dim=hidden, memory_fuser_num_layers=1,
+        memory_fuser_embed_dim=hidden, memory_fuser_intermediate_dim=64,
+    )
+    return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(), low_res_mask_size=64)
+
+
+def make_random_sam3_video(directory: str | Path, size: str = "tiny", seed: int = 0, **config_options) -> Path:
+    """Save a randomly initialised SAM 3 in the hub's layout (``facebook/sam3`` is a video model):
+    weights under ``detector_model.*``, ``tracker_model.*`` and ``tracker_neck.*``, one ViT trunk.
+
+    ``Sam3VideoModel.save_pretrained`` writes the tracker's keys as ``tracker_model.tracker_model.*``;
+    they are renamed to the hub's ``tracker_model.*`` so loaders see what users download.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Sam3VideoModel
+
+    directory = Path(directory)
+    if (directory / "config.json").exists() and any(directory.glob("*.safetensors")):
+        return directory
+    torch.manual_seed(seed)
+    model = Sam3VideoModel(sam3_video_config(size, **config_options)).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for path in directory.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {_hub_key(name): tensor.contiguous() for name, tensor in tensors.items()}
+        save_file(renamed, path, metadata={"format": "pt"})
+    return directory
+
+
+def _hub_key(name: str) -> str:
+    doubled = "tracker_model.tracker_model."
+    return "tracker_model." + name[len(doubled):] if name.startswith(doubled) else name
