@@ -1,7 +1,12 @@
-"""Labeling configs of each supported kind, test images and region decoders shared by the
-Label Studio tests (a plain module: pytest puts this folder on sys.path for its conftest)."""
+"""Labeling configs of each supported kind, test images, region decoders and server processes
+shared by the Label Studio tests (a plain module: pytest puts this folder on sys.path for its conftest)."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
 
 import numpy as np
 
@@ -39,3 +44,22 @@ def decode_brush(region: dict) -> np.ndarray:
 
 def region_label(region: dict) -> str:
     return region["value"][region["type"]][0]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server a test started, by its PID (its own process group), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

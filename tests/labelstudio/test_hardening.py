@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,19 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from lshelpers import CONFIGS
+from lshelpers import CONFIGS, free_port, stop
 from standin import LiveBackend, StandInHost, bomb_png, wait_until
 
 API_KEY = "operator-api-key-0123456789"
 SETUP_TOKEN = "token-sent-with-setup"
 UPLOAD = "/data/upload/1/cat.png"
 CONFIG = CONFIGS["brush"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -265,16 +257,6 @@ def clean_env(**changes) -> dict:
            if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "PROMPTSEG_")) and k != "LOCAL_FILES_DOCUMENT_ROOT"}
     env.update(HF_HUB_OFFLINE="1", PROMPTSEG_DEVICE="cpu", **changes)
     return env
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from lshelpers import CONFIGS, decode_brush, make_image, region_label
+from lshelpers import CONFIGS, decode_brush, free_port, make_image, region_label, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -37,12 +35,6 @@ def label_studio_executable() -> str | None:
     return shutil.which("label-studio") or (str(FALLBACK) if FALLBACK.exists() else None)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -55,18 +47,6 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> 
             pass
         time.sleep(1)
     pytest.fail(f"{url} did not come up within {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server we started, by its PID (its own process group), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
