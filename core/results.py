@@ -67,6 +67,8 @@ class SegmentationResult:
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     """Set (and `instances` empty) when the image could not be processed in a batch run."""
+    alternatives: list[Instance] = field(default_factory=list)
+    """`Segmenter.segment_object`: SAM's other candidate masks for the same prompt, best first."""
 
     def __len__(self) -> int:
         return len(self.instances)

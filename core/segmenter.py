@@ -16,6 +16,9 @@ hand their output forward; none calls back into an earlier one:
 
 `Segmenter.detect` (embed + decode of one image or tile) is what `tiling` receives as a
 callable; `segment_stack` hands `stacks` a callable running `segment_rgb` on each slice.
+`Segmenter.segment_object` (points, a box, a previous mask -> one object) checks its prompts
+(`promptseg.visual`), loads, embeds through the same cache as text prompts, and decodes with the
+backend's `decode_object`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from promptseg.cache import (
     open_disk_cache,
 )
 from promptseg.device import dtype_name
-from promptseg.errors import CancelledError, ImageError, OptionError
+from promptseg.errors import CancelledError, ImageError, ModelLoadError, OptionError
 from promptseg.images import load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.clip.verify import check_with_clip, cleanup_for_clip, prompt_phrases
@@ -284,6 +287,55 @@ class Segmenter:
         with self._lock:
             features, origin = self.embed(rgb)
             return self._decode(features, list(phrases), decoding, rgb.shape[:2], exemplars, exemplar_labels), origin
+
+    def segment_object(
+        self,
+        image: Any,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
+        mask: Instance | np.ndarray | None = None,
+        *,
+        multimask: bool | None = None,
+        options: SegmentOptions | None = None,
+        **flat: Any,
+    ) -> SegmentationResult:
+        """One object's mask from visual prompts (SAM 3's tracker head, SAM 2 style).
+
+        `points` are pixel ``(x, y)`` with `point_labels` 1 (on the object, the default) or 0 (not
+        on it); `box` is a pixel ``(x0, y0, x1, y1)``; `mask` is a previous mask to refine (an
+        `Instance` of a result on this image, or a boolean ``(H, W)`` array). At least one is needed.
+        `multimask` asks SAM for three candidates (None: only for one point alone, SAM's rule for an
+        ambiguous click). The result holds the candidate with the best predicted IoU (its `score`);
+        the others are `result.alternatives`, best first. The image embedding is the one text
+        prompts use: an image seen by either runs no image encoder again. Masks are cut at
+        `mask_threshold` (`options` or by name) and cropped like every other result.
+        Needs a checkpoint with the tracker (the hub's ``facebook/sam3``): `ModelLoadError` otherwise.
+        """
+        from promptseg.visual import check_inside, check_visual_prompts, object_instances, to_model_input
+
+        options = _options(options, flat)
+        prompts = check_visual_prompts(points, point_labels, box, mask)  # before any pixel is read
+        if not getattr(self.backend, "visual_prompts", False):
+            raise ModelLoadError(
+                f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head: points, boxes and "
+                "masks need SAM 3's tracker, which the full facebook/sam3 checkpoint holds (a Sam3Model save "
+                "holds the text detector only). Load facebook/sam3, or a directory saved from Sam3VideoModel."
+            )
+        rgb = self.load(image, options.pixels)
+        check_inside(prompts, rgb.shape[:2])
+        if multimask is None:
+            multimask = prompts.points is not None and len(prompts.points) == 1 and prompts.box is None and mask is None
+        inputs = to_model_input(prompts, rgb.shape[:2], self.backend.input_size)
+        with self._lock:
+            features, origin = self.embed(rgb)
+            logits, ious = self.backend.decode_object(features, *inputs, bool(multimask))
+            self.stats.decoder_runs += 1
+        found = object_instances(logits, ious, rgb.shape[:2], options.decoding.mask_threshold)
+        return SegmentationResult(
+            instances=found[:1], image_size=rgb.shape[:2], prompts=[], embedding_source=origin,
+            source=str(image) if isinstance(image, (str, os.PathLike)) else None, alternatives=found[1:],
+        )
 
     def suggest_prompts(self, image: Any, vocabulary: Any = None, k: int = 10) -> list[tuple[str, float]]:
         """The `k` phrases of `vocabulary` (default: the shipped COCO + LVIS names, or a file or

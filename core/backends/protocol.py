@@ -17,6 +17,13 @@ rest. Helpers the SAM 3 backends share live in `promptseg.backends.sam3_common`.
 A segmentation backend may also offer ``embedding_spec(image_size)``: the name, shape and dtype of every
 tensor `encode_image` returns for an image of that size. The disk cache then refuses entries
 that do not match it (and recomputes them); without it only their values are checked (finite).
+
+Visual prompts (``Segmenter.segment_object``) are optional too: a backend that answers them sets
+``visual_prompts = True`` and offers ``decode_object(image, points, point_labels, box, mask, multimask)``
+on the same cached embedding (so one trunk run serves text and clicks), returning ``(K, h, w)`` mask
+logits and ``(K,)`` predicted IoUs; points and box in pixels of the model input (`input_size`), the
+mask a float ``(H, W)`` of the image. SAM 3 through transformers does, when its checkpoint holds
+the tracker (see `promptseg.backends.sam3_hf`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ Loads a hub id (default ``facebook/sam3``, gated) or a directory written by
 ``Sam3Model.save_pretrained``, with or without tokenizer and processor files. Every weight must
 load: missing or unexpected keys are an error. The image encoder's FPN levels are the cached
 embedding; positional encodings depend on resolution only and are recomputed, not stored.
+
+The hub's checkpoint is a video model (``detector_model.*``, ``tracker_model.*``, ``tracker_neck.*``):
+its tracker head (``Sam3TrackerModel``) answers visual prompts (points, a box, a mask). It is loaded
+strictly too, and shares the detector's ViT trunk module, so the trunk's weights are held once and
+the trunk runs once per image: `encode_image` runs both necks on that one trunk output and the
+cached embedding holds the detector's FPN levels (``fpn_i``) and the tracker's (``tracker_i``).
+A detector-only checkpoint (a ``Sam3Model`` save) answers text prompts only.
 """
 
 from __future__ import annotations
@@ -156,8 +163,10 @@ class Sam3Backend:
 
     name = NAME
 
-    def __init__(self, model, tokenizer, image_processor, model_id: str, device, dtype) -> None:
+    def __init__(self, model, tokenizer, image_processor, model_id: str, device, dtype, tracker=None) -> None:
         self.model = model
+        self.tracker = tracker
+        """The ``Sam3TrackerModel`` for visual prompts (its trunk is the detector's), or None."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.model_id = model_id
@@ -200,8 +209,10 @@ class Sam3Backend:
                 "to this config."
             )
         model = model.to(device).eval()
+        tracker = _load_tracker(directory, model, dtype)
+        tracker = tracker.to(device).eval() if tracker is not None else None
         return cls(model, _load_tokenizer(directory), _load_image_processor(directory, config),
-                   model_id, device, dtype)
+                   model_id, device, dtype, tracker)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch warns on those
@@ -217,8 +228,27 @@ class Sam3Backend:
 
         with torch.inference_mode():
             output = self.model.get_vision_features(pixel_values=pixel_values)
-        levels = output.fpn_hidden_states[:-1]  # the last level is never consumed by forward
-        return {f"fpn_{i}": level for i, level in enumerate(levels)}
+            levels = output.fpn_hidden_states[:-1]  # the last level is never consumed by forward
+            embedding = {f"fpn_{i}": level for i, level in enumerate(levels)}
+            if self.tracker is not None:  # the tracker's neck on the same trunk output: no second trunk run
+                embedding.update(self._tracker_levels(output.last_hidden_state, pixel_values.shape[-2:]))
+        return embedding
+
+    @property
+    def visual_prompts(self) -> bool:
+        """Whether `decode_object` can answer points, boxes and masks (the checkpoint has the tracker)."""
+        return self.tracker is not None
+
+    def _tracker_levels(self, trunk: torch.Tensor, pixel_size) -> Tensors:
+        """The tracker's three feature levels, as ``Sam3TrackerModel.get_image_features`` makes them
+        (its neck, then the mask decoder's projections of the two finer levels), in ``(1, C, h, w)``."""
+        patch = self.model.config.vision_config.backbone_config.patch_size
+        rows, cols = (side // patch for side in pixel_size)
+        spatial = trunk.view(trunk.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+        levels = list(self.tracker.vision_encoder.neck(spatial)[0][:3])
+        levels[0] = self.tracker.mask_decoder.conv_s0(levels[0])
+        levels[1] = self.tracker.mask_decoder.conv_s1(levels[1])
+        return {f"tracker_{i}": level for i, level in enumerate(levels)}
 
     def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What `encode_image` returns whatever the image size (every image is resized to `input_size`)."""
@@ -226,9 +256,54 @@ class Sam3Backend:
 
         vision = self.model.config.vision_config
         scales = tuple(vision.scale_factors[:-1])  # the last level is not kept (see encode_image)
-        return sam3_embedding_spec(
+        spec = sam3_embedding_spec(
             self.input_size, vision.backbone_config.patch_size, vision.fpn_hidden_size, scales, self.dtype
         )
+        if self.tracker is not None:
+            decoder = self.tracker.mask_decoder
+            channels = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels, vision.fpn_hidden_size)
+            rows, cols = (side // vision.backbone_config.patch_size for side in self.input_size)
+            for i, (scale, width) in enumerate(zip((4, 2, 1), channels)):
+                spec[f"tracker_{i}"] = ((1, width, rows * scale, cols * scale), self.dtype)
+        return spec
+
+    def decode_object(
+        self,
+        image: Tensors,
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        box: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One object from visual prompts on a cached embedding: ``(K, h, w)`` mask logits at the
+        tracker's mask resolution and ``(K,)`` predicted IoUs (K = 3 with `multimask`, else 1).
+
+        `points` ``(N, 2)`` and `box` ``(4,)`` are in pixels of the model input (`input_size`);
+        `mask` is ``(H, W)`` float, resized by the model to its mask-prompt size.
+        """
+        import torch
+
+        from promptseg.errors import ModelLoadError
+
+        if self.tracker is None:
+            raise ModelLoadError(VISUAL_PROMPTS_HELP)
+        levels = [image[f"tracker_{i}"].to(self.device, self.dtype) for i in range(3)]
+        # SAM's "no memory" embedding goes on the level the mask decoder reads, as Meta's predictor and
+        # transformers' video tracker add it (``Sam3TrackerModel.forward`` adds it to the 4th, unused level)
+        no_memory = self.tracker.no_memory_embedding.view(1, -1, 1, 1)
+        embeddings = [levels[0], levels[1], levels[2] + no_memory]
+        extra = {}
+        if points is not None:
+            extra["input_points"] = points.to(self.device, self.dtype)[None, None]
+            extra["input_labels"] = point_labels.to(self.device, torch.int32)[None, None]
+        if box is not None:
+            extra["input_boxes"] = box.to(self.device, self.dtype)[None, None]
+        if mask is not None:
+            extra["input_masks"] = mask.to(self.device, self.dtype)[None, None]
+        with torch.inference_mode():
+            out = self.tracker(image_embeddings=embeddings, multimask_output=multimask, **extra)
+        return out.pred_masks[0, 0].float(), out.iou_scores[0, 0].float()
 
     def encode_text(self, phrases: list[str]) -> list[Tensors]:
         import torch
@@ -260,7 +335,7 @@ class Sam3Backend:
         from promptseg.backends.sam3_common import exemplar_inputs, split_detections
 
         batch = len(texts)
-        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(image))]
+        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(sum(n.startswith("fpn_") for n in image))]
         vision = Sam3VisionEncoderOutput(
             fpn_hidden_states=tuple(level.expand(batch, -1, -1, -1) for level in levels) + (None,),
             fpn_position_encoding=tuple(self._position(level).expand(batch, -1, -1, -1) for level in levels)
@@ -288,6 +363,44 @@ class Sam3Backend:
             encode = self.model.vision_encoder.neck.position_encoding
             self._positions[key] = encode((1, *level.shape[1:]), level.device, level.dtype)
         return self._positions[key]
+
+
+VISUAL_PROMPTS_HELP = (
+    "Visual prompts (points, boxes, masks) need SAM 3's tracker head, which this checkpoint does not "
+    "have (it holds the text detector only, as Sam3Model.save_pretrained writes it). Load the full "
+    "facebook/sam3 checkpoint (or a directory saved from Sam3VideoModel) to use segment_object."
+)
+
+
+def _load_tracker(directory: Path, detector, dtype):
+    """The tracker head of a hub-layout checkpoint, every weight loaded, sharing `detector`'s ViT trunk;
+    None for a detector-only checkpoint."""
+    config = json.loads((directory / "config.json").read_text())
+    if not config.get("tracker_config"):
+        return None
+    from transformers import Sam3TrackerModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "sam3_video config for sam3_tracker" notice is expected here
+    try:
+        tracker, info = Sam3TrackerModel.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Cannot load SAM 3's tracker weights from {directory}: {exc}. The checkpoint may be truncated; "
+            "download it again."
+        ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = sorted(info.get("missing_keys") or []) + sorted(map(str, info.get("mismatched_keys") or []))
+    if problems:
+        raise ModelLoadError(
+            f"The checkpoint in {directory} lacks tracker weights its config describes "
+            f"({', '.join(problems[:5])}{f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''}). "
+            "Refusing a partial load: use the complete checkpoint for this config."
+        )
+    tracker.vision_encoder.backbone = detector.vision_encoder.backbone  # one trunk in memory, not two
+    return tracker
 
 
 def _load_tokenizer(directory: Path):

@@ -84,7 +84,9 @@ def make_random_sam3_video(directory: str | Path, size: str = "tiny", seed: int 
     weights under ``detector_model.*``, ``tracker_model.*`` and ``tracker_neck.*``, one ViT trunk.
 
     ``Sam3VideoModel.save_pretrained`` writes the tracker's keys as ``tracker_model.tracker_model.*``;
-    they are renamed to the hub's ``tracker_model.*`` so loaders see what users download.
+    they are renamed to the hub's ``tracker_model.*`` so loaders see what users download. The tracker's
+    zero-initialised tensors (biases, the no-memory embedding) get small random values, so a test
+    comparing two pipelines notices one that forgets any of them.
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -97,10 +99,13 @@ def make_random_sam3_video(directory: str | Path, size: str = "tiny", seed: int 
     model = Sam3VideoModel(sam3_video_config(size, **config_options)).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    for path in directory.glob("*.safetensors"):
-        tensors = load_file(path)
-        renamed = {_hub_key(name): tensor.contiguous() for name, tensor in tensors.items()}
-        save_file(renamed, path, metadata={"format": "pt"})
+    noise = torch.Generator().manual_seed(seed)
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors = {_hub_key(name): tensor.contiguous() for name, tensor in load_file(path).items()}
+        for name, tensor in sorted(tensors.items()):
+            if name.startswith(("tracker_model.", "tracker_neck.")) and tensor.is_floating_point() and not tensor.any():
+                tensors[name] = (torch.randn(tensor.shape, generator=noise) * 0.02).to(tensor.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
     return directory
 
 
