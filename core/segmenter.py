@@ -23,6 +23,7 @@ backend's `decode_object`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -337,6 +338,68 @@ class Segmenter:
             source=str(image) if isinstance(image, (str, os.PathLike)) else None, alternatives=found[1:],
         )
 
+    def refine(
+        self,
+        target: SegmentationResult | Instance,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
+        *,
+        image: Any = None,
+        index: int | None = None,
+        options: SegmentOptions | None = None,
+        **flat: Any,
+    ) -> SegmentationResult | Instance:
+        """Correct one object of an earlier result with clicks (or a box): add area with positive
+        points (label 1), cut it with negative ones (label 0, e.g. to split two merged objects).
+
+        The object's mask is SAM's mask prompt and the points refine it (`segment_object`).
+        A `SegmentationResult` is changed in place and returned: the instance at `index` (default:
+        the one under the first positive point) gets the new mask and box and keeps its position,
+        label, phrase and score, so ids stay stable; a positive point on no instance adds the missed
+        object at the end (label ``"object"``). An `Instance` (immutable) gives a new refined
+        `Instance`. `image` is the image the result came from (default: the file it was read from);
+        its embedding is cached, so a refinement runs no image encoder.
+        """
+        from promptseg.visual import check_visual_prompts
+
+        result = target if isinstance(target, SegmentationResult) else None
+        if result is None and not isinstance(target, Instance):
+            raise OptionError(f"refine takes a SegmentationResult or one of its Instances, got {type(target).__name__}.")
+        image = image if image is not None else getattr(result, "source", None)
+        if image is None:
+            raise OptionError(
+                "refine needs the image the result came from: pass image=... (the result was not read from a file)."
+            )
+        prompts = check_visual_prompts(points, point_labels, box)
+        if result is None:
+            return self._refined(target, image, points, point_labels, box, options, flat)
+        if index is None:
+            index = _instance_under(result, prompts.points, prompts.point_labels)
+        elif not _whole(index) or not 0 <= index < len(result.instances):
+            raise OptionError(f"index must be the position of an instance (0..{len(result.instances) - 1}), got {index!r}.")
+        if index is None:
+            found = self.segment_object(image, points, point_labels, box, options=options, **flat)
+            result.instances.extend(found.instances)  # the missed object, labelled "object"
+        else:
+            result.instances[index] = self._refined(
+                result.instances[index], image, points, point_labels, box, options, flat
+            )
+        return result
+
+    def _refined(self, instance: Instance, image, points, point_labels, box, options, flat) -> Instance:
+        """`instance` with the mask SAM gives for its mask plus the new prompts (unchanged, with a
+        warning, when the prompts leave no mask)."""
+        found = self.segment_object(
+            image, points, point_labels, box, mask=instance, multimask=False, options=options, **flat
+        )
+        if not found.instances:
+            logger.warning("The refinement left no mask; %s is kept as it was.", instance.label)
+            return instance
+        new = found.instances[0]
+        extra = {**instance.extra, "refined": True, "predicted_iou": new.extra["predicted_iou"]}
+        return dataclasses.replace(instance, box=new.box, mask=new.mask, extra=extra)
+
     def suggest_prompts(self, image: Any, vocabulary: Any = None, k: int = 10) -> list[tuple[str, float]]:
         """The `k` phrases of `vocabulary` (default: the shipped COCO + LVIS names, or a file or
         list) CLIP finds most likely in `image`, as ``(phrase, probability)``; needs ``clip=``."""
@@ -514,6 +577,18 @@ def _segment_whole(rgb, detect, cleanup: CleanupOptions, query: Query, progress,
     if progress:
         progress(1, 1)
     return postprocess(raw, rgb.shape[:2], cleanup), origin, {}
+
+
+def _instance_under(result: SegmentationResult, points: np.ndarray | None, labels: np.ndarray | None) -> int | None:
+    """The position of the instance drawn under the first positive point (the top one where
+    instances overlap, as `to_label_image` draws them), or None when it falls on background."""
+    if points is None or not (labels == 1).any():
+        return None
+    x, y = points[labels == 1][0]
+    height, width = result.image_size
+    row, col = min(int(y), height - 1), min(int(x), width - 1)
+    value = int(result.to_label_image()[row, col])
+    return value - 1 if value else None
 
 
 def _normalise_exemplars(boxes: np.ndarray, labels: np.ndarray, image_size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,3 +221,84 @@ def test_bad_visual_prompts_are_option_errors(hub_segmenter, rgb_image, prompt, 
         hub_segmenter.segment_object(rgb_image, **prompt)
     if "mask" not in prompt and "outside" not in words and "overlap" not in words:
         assert hub_segmenter.stats.image_encoder_runs == 0  # checked before any pixel is read
+
+
+def text_result(segmenter, image):
+    return segmenter.segment(image, ["red square", "green square"], threshold=0.0, max_instances=4)
+
+
+def test_refine_changes_one_instance_in_place_and_keeps_ids(hub_segmenter, rgb_image):
+    result = text_result(hub_segmenter, rgb_image)
+    before = list(result.instances)
+    target = before[1]
+    x0, y0, x1, y1 = target.box
+    ys, xs = np.nonzero(target.mask)
+    cut = (float(x0 + xs[0]), float(y0 + ys[0]))  # a pixel of the object: a negative click there
+    expected = hub_segmenter.segment_object(rgb_image, points=[cut], point_labels=[0], mask=target, multimask=False)[0]
+    runs = hub_segmenter.stats.image_encoder_runs
+    same = hub_segmenter.refine(result, points=[cut], point_labels=[0], image=rgb_image, index=1)
+    assert same is result and len(result) == len(before)
+    assert all(result.instances[i] is before[i] for i in range(len(before)) if i != 1)
+    refined = result.instances[1]
+    assert (refined.label, refined.score, refined.phrase) == (target.label, target.score, target.phrase)
+    assert refined.box == expected.box and np.array_equal(refined.mask, expected.mask)
+    assert refined.extra["refined"] is True
+    assert hub_segmenter.stats.image_encoder_runs == runs  # the cached embedding answers the click
+
+
+def test_refine_picks_the_instance_under_the_first_positive_click(hub_segmenter, rgb_image):
+    result = text_result(hub_segmenter, rgb_image)
+    labels = result.to_label_image()
+    row, col = np.argwhere(labels == 3)[0]  # a pixel where instance 2 is drawn on top
+    click = [(float(col), float(row))]
+    by_click = hub_segmenter.refine(text_result(hub_segmenter, rgb_image), points=click, image=rgb_image)
+    by_index = hub_segmenter.refine(result, points=click, image=rgb_image, index=2)
+    assert by_click.instances[2].extra.get("refined") and by_click.instances[2].box == by_index.instances[2].box
+    assert not any(inst.extra.get("refined") for i, inst in enumerate(by_click.instances) if i != 2)
+
+
+def test_refine_adds_a_missed_object_for_a_click_on_background(hub_segmenter, rgb_image):
+    result = hub_segmenter.segment(rgb_image, "red square", threshold=0.0, max_instances=1)
+    row, col = np.argwhere(result.to_label_image() == 0)[0]
+    count = len(result)
+    hub_segmenter.refine(result, points=[(float(col), float(row))], image=rgb_image)
+    alone = hub_segmenter.segment_object(rgb_image, points=[(float(col), float(row))])
+    assert len(result) == count + 1 and result.instances[-1].label == "object"
+    assert np.array_equal(result.instances[-1].mask, alone[0].mask)
+
+
+def test_refine_reads_the_image_from_the_result_source(hub_segmenter, rgb_image, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    Image.fromarray(rgb_image).save(path)
+    from_file = text_result(hub_segmenter, str(path))
+    in_memory = text_result(hub_segmenter, rgb_image)
+    with pytest.raises(OptionError, match="pass image="):
+        hub_segmenter.refine(in_memory, points=[(60, 50)], index=0)
+    hub_segmenter.refine(from_file, points=[(60, 50)], index=0)
+    hub_segmenter.refine(in_memory, points=[(60, 50)], index=0, image=rgb_image)
+    assert np.array_equal(from_file[0].mask, in_memory[0].mask)
+
+
+def test_refine_an_instance_gives_a_new_instance(hub_segmenter, rgb_image):
+    original = text_result(hub_segmenter, rgb_image)[0]
+    refined = hub_segmenter.refine(original, points=[(60, 50)], point_labels=[1], image=rgb_image)
+    expected = hub_segmenter.segment_object(rgb_image, points=[(60, 50)], mask=original, multimask=False)[0]
+    assert refined is not original and "refined" not in original.extra
+    assert refined.label == original.label and np.array_equal(refined.mask, expected.mask)
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (dict(index=9), "index must be the position"),
+        (dict(index="0"), "index must be the position"),
+        (dict(target="result"), "SegmentationResult or one of its Instances"),
+    ],
+)
+def test_bad_refine_calls_are_option_errors(hub_segmenter, rgb_image, call, words):
+    result = text_result(hub_segmenter, rgb_image)
+    target = call.pop("target", result)
+    with pytest.raises(OptionError, match=words):
+        hub_segmenter.refine(target, points=[(60, 50)], image=rgb_image, **call)
