@@ -51,12 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    seg = sub.add_parser("segment", help="segment images with text prompts",
+    seg = sub.add_parser("segment", help="segment images with text prompts (or one object by --point/--box)",
                          description="Segment every instance of each prompt in each image.",
                          epilog=f"{OUTPUT_NAMES} {EXIT_CODES}")
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, tif, ...)")
-    seg.add_argument("-p", "--prompt", dest="prompts", action="append", required=True,
+    seg.add_argument("-p", "--prompt", dest="prompts", action="append", default=None,
                      metavar="PROMPT", help="a noun phrase, e.g. 'red car'; repeat for several")
+    seg.add_argument("--point", dest="points", action="append", type=point_argument, default=None,
+                     metavar="X,Y[,LABEL]", help="instead of prompts, one object: a pixel click (label 1 on the "
+                     "object, the default, or 0 not on it); repeat for several")
+    seg.add_argument("--box", type=box_argument, default=None, metavar="X0,Y0,X1,Y1",
+                     help="instead of prompts, one object: its pixel box (with or without --point)")
     seg.add_argument("--out", type=Path, default=Path("promptseg-out"),
                      help="output folder; see 'Output names' below (default: %(default)s)")
     seg.add_argument("--format", choices=["png", "coco", "json"], default="png",
@@ -183,6 +188,45 @@ def _number_or_words(kind: type, words: tuple[str, ...], flag: str):
     return parse
 
 
+def point_argument(text: str) -> tuple[float, float, int]:
+    """``x,y`` or ``x,y,label`` (label 1 or 0) -> ``(x, y, label)``."""
+    parts = text.split(",")
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or (len(numbers) == 3 and numbers[2] not in (0, 1)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y or X,Y,LABEL (pixels; LABEL 1 or 0), e.g. 120,80,1")
+    return numbers[0], numbers[1], int(numbers[2]) if len(numbers) == 3 else 1
+
+
+def box_argument(text: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` -> four floats."""
+    try:
+        numbers = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X0,Y0,X1,Y1 (pixel corners), e.g. 40,30,110,80")
+    return numbers
+
+
+def visual_prompts(args: argparse.Namespace) -> dict | None:
+    """The `segment_object` prompts of a command line (checked), or None for a text-prompt run."""
+    if not args.points and args.box is None:
+        return None
+    if args.prompts:
+        raise OptionError("Give text prompts (-p) or one object's --point/--box, not both: run them as two commands.")
+    if args.stack:
+        raise OptionError("--point and --box segment one image at a time: leave out --stack.")
+    from promptseg.visual import check_visual_prompts
+
+    points = [(x, y) for x, y, _ in args.points] if args.points else None
+    labels = [label for _, _, label in args.points] if args.points else None
+    check_visual_prompts(points, labels, args.box)
+    return {"points": points, "point_labels": labels, "box": args.box}
+
+
 def segment_options(args: argparse.Namespace):
     """The `SegmentOptions` of a command line: the options given on it, the defaults for the rest."""
     from promptseg.options import SegmentOptions
@@ -278,7 +322,12 @@ def run_segment(args: argparse.Namespace) -> int:
     from promptseg.errors import ImageError
     from promptseg.results import ensure_prompt_list
 
-    ensure_prompt_list(args.prompts)
+    visual = visual_prompts(args)
+    if visual is None and not args.prompts:
+        raise OptionError("No prompt given: pass -p PROMPT (a noun phrase such as 'red car'; repeat for several), "
+                          "or one object's --point X,Y and/or --box X0,Y0,X1,Y1.")
+    if visual is None:
+        ensure_prompt_list(args.prompts)
     options = segment_options(args)  # a bad option fails before the model loads
     images, repeated = distinct_files(args.images)
     stems = output_stems(images, args.out)
@@ -288,8 +337,8 @@ def run_segment(args: argparse.Namespace) -> int:
     for path in repeated:
         print(f"{path} was given more than once: segmented once", file=sys.stderr)
     segmenter = load_from_args(args)
-    query = segmenter.query(args.prompts, options)
-    coco = CocoWriter(args.prompts)
+    query = segmenter.query(args.prompts, options) if visual is None else None
+    coco = CocoWriter(args.prompts if visual is None else ["object"])
     failed = []
     bar = tqdm(images, desc="Segmenting", unit="image", disable=None)
     for path in bar:
@@ -298,7 +347,7 @@ def run_segment(args: argparse.Namespace) -> int:
             if kind == "stack":
                 write_stack(segmenter, path, stems[path], args, options)
                 continue
-            rgb, result = segment_file(segmenter, path, query, options)
+            rgb, result = segment_file(segmenter, path, query, options, visual)
         except ImageError as exc:
             failed.append(path)
             tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
@@ -319,9 +368,14 @@ def run_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def segment_file(segmenter, path: str, query, options):
-    """The image's RGB pixels (kept for the overlay) and its result: the segmenter's stages one by one."""
+def segment_file(segmenter, path: str, query, options, visual: dict | None = None):
+    """The image's RGB pixels (kept for the overlay) and its result: the segmenter's stages one by one,
+    or, with `visual` prompts, the one object they point at."""
     rgb = segmenter.load(path, options.pixels)
+    if visual is not None:
+        result = segmenter.segment_object(rgb, options=options, **visual)
+        result.source = str(path)
+        return rgb, result
     return rgb, segmenter.segment_rgb(rgb, query, options)
 
 

@@ -355,7 +355,7 @@ class Segmenter:
 
         The object's mask is SAM's mask prompt and the points refine it (`segment_object`).
         A `SegmentationResult` is changed in place and returned: the instance at `index` (default:
-        the one under the first positive point) gets the new mask and box and keeps its position,
+        the one under the first positive point, or under the first point when all are negative) gets the new mask and box and keeps its position,
         label, phrase and score, so ids stay stable; a positive point on no instance adds the missed
         object at the end (label ``"object"``). An `Instance` (immutable) gives a new refined
         `Instance`. `image` is the image the result came from (default: the file it was read from);
@@ -376,6 +376,12 @@ class Segmenter:
             return self._refined(target, image, points, point_labels, box, options, flat)
         if index is None:
             index = _instance_under(result, prompts.points, prompts.point_labels)
+            positive = prompts.box is not None or (prompts.point_labels is not None and (prompts.point_labels == 1).any())
+            if index is None and not positive:
+                raise OptionError(
+                    "Only negative clicks, on no instance: nothing to cut from or to add. Click inside the instance "
+                    "to correct, or pass index= to name it."
+                )
         elif not _whole(index) or not 0 <= index < len(result.instances):
             raise OptionError(f"index must be the position of an instance (0..{len(result.instances) - 1}), got {index!r}.")
         if index is None:
@@ -580,11 +586,11 @@ def _segment_whole(rgb, detect, cleanup: CleanupOptions, query: Query, progress,
 
 
 def _instance_under(result: SegmentationResult, points: np.ndarray | None, labels: np.ndarray | None) -> int | None:
-    """The position of the instance drawn under the first positive point (the top one where
-    instances overlap, as `to_label_image` draws them), or None when it falls on background."""
-    if points is None or not (labels == 1).any():
+    """The position of the instance drawn under the first positive point (else the first point),
+    the top one where instances overlap as `to_label_image` draws them; None on background."""
+    if points is None:
         return None
-    x, y = points[labels == 1][0]
+    x, y = points[labels == 1][0] if (labels == 1).any() else points[0]
     height, width = result.image_size
     row, col = min(int(y), height - 1), min(int(x), width - 1)
     value = int(result.to_label_image()[row, col])

@@ -170,3 +170,40 @@ def test_segment_options_come_from_segment_options_defaults_and_help():
     for info in SegmentOptions.describe():
         assert info.flag in text
     assert "(default: 0.5)" in text and "(default: 0.5 99.5)" in text and "('none': keep both) (default: 0.7)" in text
+
+
+def test_segment_one_object_by_points_and_box_writes_it_like_text_results(image_files, tiny_sam3_hub_dir, tmp_path):
+    import promptseg
+
+    out = tmp_path / "object"
+    args = [image_files[0], "--point", "60,50", "--point", "150,80,0", "--box", "40,30,110,80", "--out", str(out)]
+    assert run(args, tiny_sam3_hub_dir, tmp_path) == 0
+    assert run([*args[:-1], str(tmp_path / "object-json"), "--format", "json"], tiny_sam3_hub_dir, tmp_path) == 0
+    seg = promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=False)
+    expected = seg.segment_object(image_files[0], points=[(60, 50), (150, 80)], point_labels=[1, 0], box=(40, 30, 110, 80))
+    assert len(expected) == 1
+    labels = np.asarray(Image.open(out / "a.labels.png"))
+    assert np.array_equal(labels, expected.to_label_image().astype(labels.dtype))
+    record = json.loads((tmp_path / "object-json" / "a.json").read_text())
+    assert [inst["label"] for inst in record["instances"]] == ["object"]
+    assert record["instances"][0]["box"] == list(expected[0].box)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--point", "1,2,5"], "is not X,Y or X,Y,LABEL"),
+        (["--point", "a,b"], "is not X,Y or X,Y,LABEL"),
+        (["--box", "1,2,3"], "is not X0,Y0,X1,Y1"),
+        (["--box", "50,50,20,80"], "empty or reversed"),
+        (["-p", "cat", "--point", "10,10"], "not both"),
+        ([], "No prompt given: pass -p PROMPT"),
+    ],
+)
+def test_bad_visual_prompts_on_the_command_line_exit_2(image_files, tmp_path, capsys, extra, words):
+    args = ["segment", image_files[0], *extra, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse refuses a malformed value itself
+        code = exc.code
+    assert code == 2 and words in capsys.readouterr().err

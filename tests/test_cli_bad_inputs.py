@@ -235,7 +235,8 @@ def test_bad_option_is_a_one_line_usage_error(args, words, tmp_path, tiny_sam3_d
 def test_no_prompt_is_a_usage_error(tmp_path, tiny_sam3_dir):
     save_image(tmp_path / "x.png", 60, 80)
     done = segment("x.png", "--out", "out", cwd=tmp_path, model=tiny_sam3_dir)
-    assert_one_line_error(done, "the following arguments are required: -p/--prompt")
+    assert_one_line_error(done, "No prompt given: pass -p PROMPT")
+    assert "--point X,Y and/or --box" in done.stderr
 
 
 def test_cache_commands_on_a_missing_or_wrong_folder(tmp_path):

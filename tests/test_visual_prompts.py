@@ -257,6 +257,23 @@ def test_refine_picks_the_instance_under_the_first_positive_click(hub_segmenter,
     assert not any(inst.extra.get("refined") for i, inst in enumerate(by_click.instances) if i != 2)
 
 
+def test_refine_with_a_negative_click_cuts_from_the_instance_under_it(hub_segmenter, rgb_image):
+    result = text_result(hub_segmenter, rgb_image)
+    row, col = np.argwhere(result.to_label_image() == 2)[0]  # a pixel where instance 1 is drawn on top
+    click = [(float(col), float(row))]
+    count = len(result)
+    hub_segmenter.refine(result, points=click, point_labels=[0], image=rgb_image)
+    expected = hub_segmenter.refine(text_result(hub_segmenter, rgb_image), points=click, point_labels=[0],
+                                    image=rgb_image, index=1)
+    assert len(result) == count and result.instances[1].extra.get("refined")
+    assert np.array_equal(result.instances[1].mask, expected.instances[1].mask)
+    one = hub_segmenter.segment(rgb_image, "red square", threshold=0.0, max_instances=1)
+    row, col = np.argwhere(one.to_label_image() == 0)[0]
+    with pytest.raises(OptionError, match="Only negative clicks"):
+        hub_segmenter.refine(one, points=[(float(col), float(row))], point_labels=[0], image=rgb_image)
+    assert len(one) == 1
+
+
 def test_refine_adds_a_missed_object_for_a_click_on_background(hub_segmenter, rgb_image):
     result = hub_segmenter.segment(rgb_image, "red square", threshold=0.0, max_instances=1)
     row, col = np.argwhere(result.to_label_image() == 0)[0]
