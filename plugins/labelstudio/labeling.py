@@ -4,6 +4,8 @@ Parsed with label-studio-sdk's `LabelInterface`. Supported: ``BrushLabels``, ``P
 and ``RectangleLabels`` on an ``Image``, and a generic ``Labels`` paired with ``Brush``,
 ``Polygon`` or ``Rectangle`` on the same image. A ``TextArea`` on the image is the interactive
 prompt box. Each label is prompted by its ``hint`` attribute when present, else its name.
+``KeyPointLabels`` and ``RectangleLabels`` in an interactive request are clicks and a box for one
+object, filled into the brush (or polygon) output.
 """
 
 from __future__ import annotations
@@ -91,6 +93,27 @@ class LabelingPlan:
         raise PromptMatchError(
             f"The prompt {text!r} names none of the labels {self._label_list()}: include a label name, "
             "or type 'label: description' (e.g. 'car: red car')."
+        )
+
+    def object_outputs(self) -> tuple[Output, ...]:
+        """Where one clicked object goes: the brush and polygon outputs (a rectangle control on the
+        same image is then the box prompt, not an output), else the rectangle outputs."""
+        shapes = tuple(o for o in self.outputs if o.geometry != "rectangle")
+        return shapes or self.outputs
+
+    def label_for_clicks(self, label: str | None) -> str:
+        """The label of a clicked object: the click's (or box's) label when an output has it, else
+        the only label there is."""
+        labels = {lab for o in self.object_outputs() for lab in o.labels}
+        if label in labels:
+            return label
+        if len(labels) == 1:
+            return next(iter(labels))
+        named = f"The click or box is labelled {label!r}, which" if label else "The click or box has no label, so it"
+        raise PromptMatchError(
+            f"{named} names none of the labels {sorted(labels)} of the region to fill: give the "
+            "KeyPointLabels and RectangleLabels the same <Label> values as the BrushLabels (or PolygonLabels) "
+            "and pick one before clicking."
         )
 
     def _label_list(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from promptseg.errors import ImageError, OptionError, PromptsegError
 from promptseg.options import SegmentOptions, check_names
+from promptseg_labelstudio.clicks import Clicks, clicks_in
 from promptseg_labelstudio.config import BackendConfig, check_base_url
 from promptseg_labelstudio.fetch import ImageFetcher, LabelStudioSource, host_entry
 from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
@@ -51,7 +52,8 @@ class ProjectSettings:
 
 
 class PromptsegMLBackend:
-    """Pre-annotates images with promptseg: label names (or hints) in batch, typed prompts interactively."""
+    """Pre-annotates images with promptseg: label names (or hints) in batch; typed prompts, clicks and
+    boxes interactively."""
 
     def __init__(self, config: BackendConfig | None = None, segmenter: Any = None) -> None:
         import promptseg
@@ -127,6 +129,9 @@ class PromptsegMLBackend:
         reference = task["data"].get(plan.value_key)
         if reference is None:
             raise ImageError(f"The task has no {plan.value_key!r} field, which the labeling config's <Image> reads.")
+        clicks = clicks_in(context, plan.image_name) if context else None
+        if clicks is not None:
+            return self._predict_object(task, reference, plan, fetcher, hint, options, tolerance, clicks)
         if context:
             if typed is None:
                 raise PromptMatchError(
@@ -147,6 +152,22 @@ class PromptsegMLBackend:
             "score": float(max(scores)) if scores else 0.0,
             "model_version": self.model_version,
         }
+
+    def _predict_object(self, task, reference, plan: LabelingPlan, fetcher, hint, options, tolerance,
+                        clicks: Clicks) -> dict:
+        """One object from the context's clicks and box, as a brush (or polygon) region of their label.
+
+        Percentages become pixels of the image as the core loads it; the cached embedding of the
+        image (from text prompts or earlier clicks) answers the clicks without the image encoder.
+        """
+        label = plan.label_for_clicks(clicks.label)
+        with fetcher.local_image(reference, task.get("id"), hint) as path:
+            rgb = self.segmenter.load(path, options.pixels)
+        height, width = rgb.shape[:2]
+        result = self.segmenter.segment_object(rgb, **clicks.in_pixels(height, width), options=options)
+        regions = regions_for(result, plan.object_outputs(), lambda inst: label, tolerance)
+        return {"result": regions, "score": float(result.instances[0].score) if len(result) else 0.0,
+                "model_version": self.model_version}
 
     def _settings(self, project: str | None) -> ProjectSettings:
         with self._lock:

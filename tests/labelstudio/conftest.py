@@ -37,6 +37,17 @@ def ls_model(tiny_sam3_dir, ls_image_root, tmp_path_factory):
     return PromptsegMLBackend(config)
 
 
+@pytest.fixture(scope="session")
+def ls_hub_model(tiny_sam3_hub_dir, ls_image_root, tmp_path_factory):
+    """A backend on the tiny SAM 3 in the hub's layout, whose tracker head answers clicks and boxes."""
+    from promptseg_labelstudio.config import BackendConfig
+    from promptseg_labelstudio.model import PromptsegMLBackend
+
+    config = BackendConfig(model=str(tiny_sam3_hub_dir), device="cpu", threshold=THRESHOLD,
+                           document_root=ls_image_root, cache_dir=tmp_path_factory.mktemp("ls-hub-cache"))
+    return PromptsegMLBackend(config)
+
+
 @pytest.fixture
 def make_app(ls_model):
     """An app around the session model, optionally with another config (same segmenter)."""

@@ -21,6 +21,10 @@ CONFIGS = {
                  f'<Label value="dog"/></RectangleLabels>{PROMPT_BOX}</View>',
     "labels+rectangle": f'<View>{IMAGE}<Labels name="lab" toName="image"><Label value="cat"/></Labels>'
                         f'<Rectangle name="rect" toName="image"/>{PROMPT_BOX}</View>',
+    "clicks": f'<View>{IMAGE}<KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat"/>'
+              f'<Label value="dog"/></KeyPointLabels><RectangleLabels name="rect" toName="image" smart="true">'
+              f'<Label value="cat"/><Label value="dog"/></RectangleLabels><BrushLabels name="tag" toName="image">'
+              f'<Label value="cat"/><Label value="dog"/></BrushLabels>{PROMPT_BOX}</View>',
 }
 THRESHOLD = 0.0  # the tiny random model scores ~0.25
 

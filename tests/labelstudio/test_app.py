@@ -154,7 +154,7 @@ def test_interactive_prompt_naming_no_label_is_a_task_error(client):
 
 
 def test_interactive_request_without_text_is_a_task_error(client):
-    context = {"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 2}}]}
+    context = {"result": [{"type": "choices", "from_name": "mood", "to_name": "image", "value": {"choices": ["happy"]}}]}
     [prediction] = predict(client, CONFIGS["brush"], ["image0.png"], context=context)
     assert "type what to segment in the TextArea 'prompt'" in prediction["error"]
 
