@@ -277,3 +277,45 @@ def to_result(detections, image_size: tuple[int, int]):
         ))
     labels = list(dict.fromkeys(inst.label for inst in instances))
     return SegmentationResult(instances=instances, image_size=(height, width), prompts=labels)
+
+
+BOX_PROMPT_LABELS = ("Detection", "Detections")
+"""A prompt field holding these labels gives boxes (one object each), as FiftyOne's SAM zoo models read it."""
+
+OBJECT_LABEL = "object"
+"""The label of an object whose prompt box has none."""
+
+
+def holds_boxes(value: Any) -> bool:
+    """Whether a prompt field's value is boxes (`fo.Detection(s)`) rather than text."""
+    import fiftyone as fo
+
+    return isinstance(value, (fo.Detection, fo.Detections))
+
+
+def box_count(value: Any) -> int:
+    """How many detections (prompt boxes) a `fo.Detection(s)` value holds (0 for None)."""
+    import fiftyone as fo
+
+    if value is None:
+        return 0
+    return 1 if isinstance(value, fo.Detection) else len(value.detections)
+
+
+def box_prompts_from_value(value: Any, image_size: tuple[int, int]) -> list[tuple[str, list[float] | None]]:
+    """``(label, pixel xyxy box)`` per detection of a `fo.Detections` (or `fo.Detection`) value.
+
+    The box is FiftyOne's relative ``[x, y, w, h]`` in the image's pixels (None when the detection
+    has no box); whether it is usable (finite, not empty, on the image) is the core's to check.
+    """
+    import fiftyone as fo
+
+    if value is None:
+        return []
+    detections = [value] if isinstance(value, fo.Detection) else list(value.detections)
+    prompts = []
+    for detection in detections:
+        box = detection.bounding_box
+        pixels = pixel_box(box, image_size) if box is not None and len(box) == 4 else None
+        prompts.append((detection.label or OBJECT_LABEL, pixels))
+    return prompts

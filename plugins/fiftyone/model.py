@@ -2,7 +2,8 @@
 
     model = PromptsegModel(["car", "person"])                        # fixed prompts
     dataset.apply_model(model, "sam3")
-    dataset.apply_model(PromptsegModel(), "sam3", prompt_field="ground_truth")  # per-sample prompts
+    dataset.apply_model(PromptsegModel(), "sam3", prompt_field="captions")      # per-sample text prompts
+    dataset.apply_model(PromptsegModel(), "masks", prompt_field="boxes")        # one object per Detections box
 
 The model is loaded once per process and shared with the operator and the other hosts
 (`promptseg.sessions.shared_segmenter`), so a second `apply_model` over the same images reuses
@@ -25,6 +26,7 @@ from promptseg_fiftyone.convert import (
     add_class_ids,
     check_output,
     exemplars_from_value,
+    holds_boxes,
     label_type,
     prompts_from_value,
     to_label,
@@ -39,8 +41,10 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
     model.mask_targets`` after `apply_model`), and `output="polylines"` produces `fo.Polylines`.
 
     `prompts` are used for every sample; `prompt_field` (or ``apply_model(...,
-    prompt_field=...)``) adds per-sample prompts from a string, list of strings, or
-    Classification(s)/Detections field; `exemplar_field` (Detections) supplies example boxes.
+    prompt_field=...)``) adds per-sample text prompts from a string, list of strings, or
+    Classification(s) field, while a Detection(s) field makes each box one object
+    (`Segmenter.segment_object`, keeping the box's label); `exemplar_field` (Detections) supplies
+    example boxes for text prompts.
     `options` (a `SegmentOptions`) and the options given by name (any `SegmentOptions` field:
     threshold, mask_threshold, min_area, tile, ...) go to `Segmenter.segment`. Masks of
     images with at least `mask_path_min_pixels` pixels are written under `mask_dir` as PNG files.
@@ -117,7 +121,11 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         self._preprocess = value
 
     def predict(self, arg, sample=None):
-        """Segment one image (HxWxC array, path or PIL image) with the fixed and per-sample prompts."""
+        """Segment one image (HxWxC array, path or PIL image) with the fixed and per-sample prompts.
+
+        When the sample's prompt field holds `fo.Detection(s)`, each box is one object instead
+        (`segment_boxes`); any other value is text prompts.
+        """
         from promptseg.errors import PromptError
         from promptseg.images import check_pixel_budget, load_image
 
@@ -125,12 +133,17 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         if sample is not None and hasattr(arg, "shape"):
             # apply_model decoded the sample's file itself: hold it to the budget a file read would have.
             check_pixel_budget(arg.shape[0], arg.shape[1], max_pixels, sample.filepath)
+        fields = self.needs_fields
+        value = sample[fields["prompt_field"]] if sample is not None and fields.get("prompt_field") else None
+        if holds_boxes(value):
+            self._check_box_prompts(fields)  # before the image is read
         pixels = self.options.pixels
         rgb = load_image(arg, max_pixels=max_pixels, percentiles=pixels.percentiles, channels=pixels.channels)
-        fields = self.needs_fields
+        if holds_boxes(value):
+            return self._predict_boxes(rgb, value, sample)
         phrases = list(self.prompts)
-        if sample is not None and fields.get("prompt_field"):
-            phrases += prompts_from_value(sample[fields["prompt_field"]], fields["prompt_field"])
+        if value is not None:
+            phrases += prompts_from_value(value, fields["prompt_field"])
         if not phrases:
             if sample is None and not fields.get("prompt_field"):
                 raise PromptError("PromptsegModel has no prompts: pass prompts=[...] or prompt_field=...")
@@ -144,6 +157,27 @@ class PromptsegModel(fom.Model, fom.SamplesMixin):
         stem = sample.id if sample is not None else uuid.uuid4().hex
         return to_label(result, self.output, phrases, self.class_ids, self.mask_dir or _default_mask_dir(), stem,
                         self.mask_path_min_pixels)
+
+    def _check_box_prompts(self, fields: dict[str, str]) -> None:
+        """A box prompt field needs the tracker head and takes no text prompts or exemplars."""
+        from promptseg.errors import PromptError
+        from promptseg_fiftyone.runner import require_visual_head
+
+        require_visual_head(self.segmenter)
+        if self.prompts or fields.get("exemplar_field"):
+            raise PromptError(
+                f"The prompt field {fields['prompt_field']!r} holds boxes, so each box is segmented as one object; "
+                "text prompts and exemplar boxes do not apply to it: use a PromptsegModel without them."
+            )
+
+    def _predict_boxes(self, rgb, value, sample):
+        """One detection per prompt box (`segment_boxes`); a box the core refuses is logged and left out."""
+        from promptseg_fiftyone.runner import segment_boxes
+
+        options = self.options.replace(pixels=PixelOptions())
+        result, _ = segment_boxes(self.segmenter, rgb, value, options, f"Sample {sample.id} ({sample.filepath}): ")
+        return to_label(result, self.output, result.prompts, self.class_ids, self.mask_dir or _default_mask_dir(),
+                        sample.id, self.mask_path_min_pixels)
 
     def predict_all(self, args, samples=None):
         samples = samples if samples is not None else [None] * len(args)

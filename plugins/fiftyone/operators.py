@@ -60,8 +60,9 @@ class SegmentWithText(foo.Operator):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Segment")
         prompts = inputs.list(
-            "prompts", types.String(), required=True, label="Prompts",
-            description="Noun phrases, one per entry: 'red car', 'person', 'nucleus'.",
+            "prompts", types.String(), required=not ctx.params.get("prompt_field"), label="Prompts",
+            description="Noun phrases, one per entry: 'red car', 'person', 'nucleus'. Leave empty when the "
+            "prompt field holds boxes.",
         )
         problem = _prompt_problem(ctx.params.get("prompts"), ctx.params.get("prompt_field"))
         if problem:
@@ -98,7 +99,8 @@ class SegmentWithText(foo.Operator):
         if fields:
             inputs.enum(
                 "prompt_field", fields, required=False, label="Prompt field (optional)",
-                description="Also use each sample's own prompts from this field.",
+                description="Each sample's own prompts: text (string, list, Classification(s)) adds to the "
+                "prompts above; Detections segment each box as one object, keeping its label.",
                 view=types.AutocompleteView(),
             )
         boxes = _fields_of(ctx, ("Detections",))

@@ -7,10 +7,12 @@ per sample). A sample counts as done once its label field holds a label (possibl
 rerun after an interruption continues where the last batch ended. A sample whose own image,
 prompts or exemplar boxes cannot be used (missing, corrupt or over-budget image, a prompt that is
 not text, a box with NaN) is left empty, reported, and retried by the next run; the others are written.
+A prompt field of Detections segments each box as one object; a bad box is skipped with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -23,8 +25,11 @@ from typing import Any
 from promptseg.errors import ImageError, OptionError, PromptError
 from promptseg.options import PixelOptions, SegmentOptions, resolve_options
 from promptseg_fiftyone.convert import (
+    BOX_PROMPT_LABELS,
     DEFAULT_MASK_PATH_MIN_PIXELS,
     add_class_ids,
+    box_count,
+    box_prompts_from_value,
     check_output,
     class_ids_from_targets,
     exemplars_from_value,
@@ -57,6 +62,7 @@ class RunSummary:
     processed: int = 0
     instances: int = 0
     no_prompts: int = 0
+    skipped_boxes: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     failed_count: int = 0
     embedding_sources: dict[str, int] = field(default_factory=dict)
@@ -127,6 +133,59 @@ def check_source_field(samples, name: str | None, what: str, labels: Sequence[st
         )
 
 
+def prompt_field_holds_boxes(samples, prompt_field: str | None) -> bool:
+    """Whether `prompt_field` is a Detection(s) field: each box then gives one object (`segment_boxes`)."""
+    if prompt_field is None:
+        return False
+    field = samples._dataset.get_field_schema().get(prompt_field)
+    kind = getattr(field, "document_type", None)
+    return kind is not None and kind.__name__ in BOX_PROMPT_LABELS
+
+
+def require_visual_head(segmenter) -> None:
+    """Raise the core's `ModelLoadError` now when the model cannot segment boxes (a detector-only checkpoint).
+
+    `segment_object` refuses such a model before it reads any pixel, so asking it with a
+    placeholder box costs nothing and gives the user the core's own message.
+    """
+    import numpy as np
+
+    if not getattr(segmenter.backend, "visual_prompts", False):
+        segmenter.segment_object(np.zeros((1, 1, 3), np.uint8), box=(0, 0, 1, 1))
+
+
+def segment_boxes(segmenter, rgb, value, options: SegmentOptions, where: str = "") -> tuple[Any, list[str]]:
+    """One object per box of a `fo.Detections` value: ``(result, problems)``.
+
+    Each box is one `Segmenter.segment_object` call on the same image, so one image embedding
+    serves them all. The object keeps the box's label; its mask, tight box and score are the
+    core's. A box the core refuses (empty, outside the image, not finite) is left out and
+    described in `problems`; the other boxes go on.
+    """
+    from promptseg.results import SegmentationResult
+
+    instances, problems, sources = [], [], []
+    for index, (label, box) in enumerate(box_prompts_from_value(value, rgb.shape[:2])):
+        if box is None:
+            problems.append(f"{where}box {index} ({label!r}) has no bounding_box; skipped.")
+            continue
+        try:
+            found = segmenter.segment_object(rgb, box=box, options=options)
+        except OptionError as exc:
+            problems.append(f"{where}box {index} ({label!r}) skipped: {exc}")
+            continue
+        sources.append(found.embedding_source)
+        if not found.instances:
+            logger.info("%sbox %d (%r) gave no mask above mask_threshold.", where, index, label)
+        instances += [dataclasses.replace(inst, label=label, phrase=label) for inst in found.instances]
+    for problem in problems:
+        logger.warning(problem)
+    source = sources[0] if sources else "memory"  # the first box fetched the image's embedding; the rest reuse it
+    result = SegmentationResult(instances=instances, image_size=rgb.shape[:2],
+                                prompts=list(dict.fromkeys(inst.label for inst in instances)), embedding_source=source)
+    return result, problems
+
+
 # Arguments every run sets itself, per sample; never taken from the user's options.
 _SET_PER_SAMPLE = ("image", "prompts", "exemplars", "exemplar_labels")
 
@@ -178,8 +237,10 @@ def segment_samples(
     across runs) or ``"polylines"`` (`fo.Polylines`, the core's polygons).
 
     Prompts are the fixed `prompts` plus, per sample, those read from `prompt_field` (a string,
-    list of strings, or Classification(s)/Detections labels); `exemplar_field` (Detections) gives
-    example boxes. Samples that already have `label_field` are skipped unless `overwrite`.
+    list of strings, or Classification(s) labels); `exemplar_field` (Detections) gives
+    example boxes. A `prompt_field` of Detection(s) instead makes each box one object
+    (`segment_boxes`; no fixed prompts or exemplars then, and the model needs SAM 3's tracker).
+    Samples that already have `label_field` are skipped unless `overwrite`.
     Images with at least `mask_path_min_pixels` pixels get their masks as PNG files under
     `mask_dir` (``None`` disables this; not used by polylines). `options` (a `SegmentOptions`) and
     the options given by name (every `SegmentOptions` field: threshold, mask_threshold, min_area,
@@ -205,8 +266,16 @@ def segment_samples(
     exists = check_label_field(samples, label_field, output)
     check_source_field(samples, prompt_field, "prompt field")
     check_source_field(samples, exemplar_field, "exemplar field", EXEMPLAR_LABELS)
+    boxes = prompt_field_holds_boxes(samples, prompt_field)
+    if boxes and (fixed or exemplar_field):
+        raise OptionError(
+            f"The prompt field {prompt_field!r} holds boxes, so each box is segmented as one object; text prompts "
+            "and exemplar boxes do not apply to it: run once with the boxes and once with text, into two label fields."
+        )
     dataset = samples._dataset
     segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
+    if boxes:
+        require_visual_head(segmenter)
     resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
 
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
@@ -231,7 +300,8 @@ def segment_samples(
     try:
         with SaveContext(view, batch_size=batch_size) as writer:
             for sample in view.iter_samples():
-                labels = _segment_sample(
+                segment = _segment_sample_boxes if boxes else _segment_sample
+                labels = segment(
                     sample, segmenter, fixed, prompt_field, exemplar_field, options,
                     mask_dir, mask_path_min_pixels, summary, load_image, output, class_ids,
                 )
@@ -272,13 +342,43 @@ def _segment_sample(sample, segmenter, fixed, prompt_field, exemplar_field, opti
                          percentiles=pixels.percentiles, channels=pixels.channels)
         exemplars = exemplars_from_value(sample[exemplar_field], rgb.shape[:2], exemplar_field) if exemplar_field else []
     except (ImageError, PromptError, OptionError) as exc:
-        summary.failed_count += 1
-        if len(summary.failed) < MAX_REPORTED_FAILURES:
-            summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
-        logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
+        _report_failure(summary, sample, exc)
         return None
     result = segmenter.segment(rgb, phrases, options.replace(pixels=PixelOptions()), exemplars=exemplars or None)
     return result, to_label(result, output, phrases, class_ids, mask_dir, sample.id, mask_path_min_pixels)
+
+
+def _segment_sample_boxes(sample, segmenter, fixed, prompt_field, exemplar_field, options,
+                          mask_dir, mask_path_min_pixels, summary, load_image, output="detections", class_ids=None):
+    """`_segment_sample` for a box prompt field: one object per box (`segment_boxes`).
+
+    A sample without boxes is counted in ``no_prompts`` and left empty; a box the core refuses
+    is skipped with a warning (``skipped_boxes``) while the sample's other boxes are written.
+    """
+    value = sample[prompt_field]
+    if not box_count(value):
+        summary.no_prompts += 1
+        return None
+    pixels = options.pixels
+    try:
+        rgb = load_image(sample.filepath, max_pixels=getattr(segmenter, "max_pixels", None),
+                         percentiles=pixels.percentiles, channels=pixels.channels)
+    except ImageError as exc:
+        _report_failure(summary, sample, exc)
+        return None
+    result, problems = segment_boxes(segmenter, rgb, value, options.replace(pixels=PixelOptions()),
+                                     f"Sample {sample.id} ({sample.filepath}): ")
+    summary.skipped_boxes += len(problems)
+    room = MAX_REPORTED_FAILURES - len(summary.warnings)
+    summary.warnings += problems[: max(room, 0)]
+    return result, to_label(result, output, result.prompts, class_ids, mask_dir, sample.id, mask_path_min_pixels)
+
+
+def _report_failure(summary, sample, exc) -> None:
+    summary.failed_count += 1
+    if len(summary.failed) < MAX_REPORTED_FAILURES:
+        summary.failed.append({"id": sample.id, "filepath": sample.filepath, "error": str(exc)})
+    logger.warning("Skipping sample %s (%s): %s", sample.id, sample.filepath, exc)
 
 
 def _store_mask_targets(dataset, label_field: str, class_ids: dict[str, int]) -> None:
