@@ -1,6 +1,7 @@
 """End to end against a real Label Studio server: projects of each config type, uploaded images,
-the backend connected with ``ls.ml.create``, batch pre-annotation, an interactive prompt, and the
-stored predictions compared with the core's masks pixel for pixel.
+the backend connected with ``ls.ml.create``, batch pre-annotation, an interactive prompt, clicks and
+a box, and the stored predictions compared with the core's masks pixel for pixel. The model is the
+tiny SAM 3 in the hub's layout, whose tracker head answers the clicks.
 
 Label Studio runs from its own virtual environment (its pins conflict with ours): the executable
 is `PROMPTSEG_LABEL_STUDIO`, else ``label-studio`` on PATH, else the ``.venv-labelstudio`` that
@@ -89,7 +90,7 @@ def backend_cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_sam3_dir, tmp_path_factory):
+def backend(tiny_sam3_hub_dir, tmp_path_factory):
     """Our backend through its real command, ``promptseg labelstudio serve`` (waitress), in a subprocess.
 
     No LABEL_STUDIO_URL/API key and the default threshold: the host and token come from Label
@@ -108,7 +109,7 @@ def backend(tiny_sam3_dir, tmp_path_factory):
     env.update(PROMPTSEG_CACHE_DIR=str(backend_cache_dir(tmp_path_factory)), PROMPTSEG_DEVICE="cpu",
                HF_HUB_OFFLINE="1", PROMPTSEG_TRUST_SETUP_HOST="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     command = [sys.executable, "-m", "promptseg.cli", "labelstudio", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--model", str(tiny_sam3_dir)]
+               "--port", str(port), "--model", str(tiny_sam3_hub_dir)]
     log = work / "backend.log"
     process = start(command, env, log)
     try:
@@ -132,11 +133,11 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def core(tiny_sam3_dir, tmp_path_factory):
+def core(tiny_sam3_hub_dir, tmp_path_factory):
     """The core on its own, for the reference masks, on the backend's embeddings."""
     import promptseg
 
-    return promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=backend_cache_dir(tmp_path_factory))
+    return promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=backend_cache_dir(tmp_path_factory))
 
 
 def make_project(ls, url, kind, images, backend):
@@ -208,6 +209,38 @@ def test_pre_annotation_and_interactive_prompt_through_label_studio(label_studio
             for region, inst in zip(regions, result.instances):
                 assert region_label(region) == "cat" and region["score"] == pytest.approx(inst.score)
                 np.testing.assert_array_equal(decode_brush(region), inst.full_mask(*result.image_size))
+
+
+def test_clicks_and_a_box_through_label_studio(label_studio, backend, images, core):
+    """Smart keypoints (one negative) and a rectangle, as the editor sends them, give one brush region."""
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    project, tasks, ml = make_project(ls, label_studio, "clicks", images[:1], backend)
+    assert ls.ml.get(ml.id).state == "CO", f"backend not connected: {ls.ml.get(ml.id).error_message}"
+    height, width = make_image(0, size=(72, 96)).shape[:2]
+    size = {"original_width": width, "original_height": height, "image_rotation": 0}
+    context = {"result": [
+        {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True, **size,
+         "value": {"x": 30.0, "y": 40.0, "width": 0.5, "keypointlabels": ["dog"]}},
+        {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": False, **size,
+         "value": {"x": 75.0, "y": 65.0, "width": 0.5, "keypointlabels": ["dog"]}},
+        {"type": "rectanglelabels", "from_name": "rect", "to_name": "image", **size,
+         "value": {"x": 10.0, "y": 12.5, "width": 50.0, "height": 62.5, "rotation": 0, "rectanglelabels": ["dog"]}},
+    ]}
+    raw = ls.ml.with_raw_response.predict_interactive(ml.id, task=tasks[0].id, context=context)
+    body = raw.response.json()
+    assert "errors" not in body, body
+    [region] = body["data"]["result"]
+    result = core.segment_object(str(images[0]), points=[(0.30 * width, 0.40 * height), (0.75 * width, 0.65 * height)],
+                                 point_labels=[1, 0], box=(0.10 * width, 0.125 * height, 0.60 * width, 0.75 * height),
+                                 threshold=0.0)
+    assert result.embedding_source != "computed"  # the backend's own embedding, read back
+    assert region["type"] == "brushlabels" and region_label(region) == "dog"
+    assert region["score"] == pytest.approx(result.instances[0].score)
+    mask = decode_brush(region)
+    assert mask.any()
+    np.testing.assert_array_equal(mask, result.instances[0].full_mask(*result.image_size))
 
 
 def test_bad_task_through_label_studio_stores_nothing_and_backend_survives(label_studio, backend, images):
