@@ -317,12 +317,7 @@ class Segmenter:
 
         options = _options(options, flat)
         prompts = check_visual_prompts(points, point_labels, box, mask)  # before any pixel is read
-        if not getattr(self.backend, "visual_prompts", False):
-            raise ModelLoadError(
-                f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head: points, boxes and "
-                "masks need SAM 3's tracker, which the full facebook/sam3 checkpoint holds (a Sam3Model save "
-                "holds the text detector only). Load facebook/sam3, or a directory saved from Sam3VideoModel."
-            )
+        self.require_visual_prompts()
         rgb = self.load(image, options.pixels)
         check_inside(prompts, rgb.shape[:2])
         if multimask is None:
@@ -337,6 +332,23 @@ class Segmenter:
             instances=found[:1], image_size=rgb.shape[:2], prompts=[], embedding_source=origin,
             source=str(image) if isinstance(image, (str, os.PathLike)) else None, alternatives=found[1:],
         )
+
+    @property
+    def supports_visual_prompts(self) -> bool:
+        """Whether the model has SAM 3's visual-prompt head (points, boxes, masks): the hub's checkpoint has."""
+        return bool(getattr(self.backend, "visual_prompts", False))
+
+    def require_visual_prompts(self) -> None:
+        """Raise `ModelLoadError` saying what to load when the model has no visual-prompt head.
+
+        Hosts call it before a run of box or click prompts, so the run stops before any work.
+        """
+        if not self.supports_visual_prompts:
+            raise ModelLoadError(
+                f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head: points, boxes and "
+                "masks need SAM 3's tracker, which the full facebook/sam3 checkpoint holds (a Sam3Model save "
+                "holds the text detector only). Load facebook/sam3, or a directory saved from Sam3VideoModel."
+            )
 
     def refine(
         self,

@@ -55,8 +55,12 @@ def test_missing_tracker_weight_is_a_load_error(tiny_sam3_hub_dir, tmp_path):
         promptseg.load_segmenter(str(model_dir), device="cpu", cache_dir=False)
 
 
-def test_detector_only_checkpoint_names_the_full_checkpoint(make_segmenter, rgb_image):
+def test_detector_only_checkpoint_names_the_full_checkpoint(make_segmenter, hub_segmenter, rgb_image):
     seg = make_segmenter()
+    assert not seg.supports_visual_prompts and hub_segmenter.supports_visual_prompts
+    hub_segmenter.require_visual_prompts()  # a model with the head passes
+    with pytest.raises(ModelLoadError, match="facebook/sam3"):
+        seg.require_visual_prompts()
     with pytest.raises(ModelLoadError, match="facebook/sam3"):
         seg.segment_object(rgb_image, points=[(60, 50)])
     assert seg.stats.image_encoder_runs == 0

@@ -143,15 +143,8 @@ def prompt_field_holds_boxes(samples, prompt_field: str | None) -> bool:
 
 
 def require_visual_head(segmenter) -> None:
-    """Raise the core's `ModelLoadError` now when the model cannot segment boxes (a detector-only checkpoint).
-
-    `segment_object` refuses such a model before it reads any pixel, so asking it with a
-    placeholder box costs nothing and gives the user the core's own message.
-    """
-    import numpy as np
-
-    if not getattr(segmenter.backend, "visual_prompts", False):
-        segmenter.segment_object(np.zeros((1, 1, 3), np.uint8), box=(0, 0, 1, 1))
+    """Raise the core's `ModelLoadError` now when the model cannot segment boxes (a detector-only checkpoint)."""
+    segmenter.require_visual_prompts()
 
 
 def segment_boxes(segmenter, rgb, value, options: SegmentOptions, where: str = "") -> tuple[Any, list[str]]:
