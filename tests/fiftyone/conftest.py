@@ -16,7 +16,6 @@ from promptseg_fiftyone.testing import use_temporary_database
 _ROOT = use_temporary_database("promptseg-fiftyone-tests-")
 install_plugin(_ROOT / "plugins")
 
-URI = "@promptseg/fiftyone/segment_with_text"
 
 
 def structured_image(seed: int, height: int, width: int) -> np.ndarray:

@@ -1,8 +1,14 @@
-"""Compare what FiftyOne stored with what the core returns for the same image."""
+"""Compare what FiftyOne stored with what the core returns for the same image.
+
+A plain module with a name of its own: test modules import from here, never from `conftest`
+(every test folder has one, and which of them `import conftest` finds depends on the run).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+URI = "@promptseg/fiftyone/segment_with_text"
 
 
 def assert_matches_core(detections, result) -> None:

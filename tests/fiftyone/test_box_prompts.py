@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fo_helpers import URI
 
 import promptseg
 from promptseg.errors import ModelLoadError, OptionError
@@ -118,7 +119,6 @@ def test_text_prompts_or_exemplars_with_a_box_prompt_field_are_refused(fo, box_d
 
 def test_the_operator_segments_each_box_of_a_detections_prompt_field(fo, box_dataset, tiny_sam3_hub_dir):
     import fiftyone.operators as foo
-    from conftest import URI
     from promptseg.sessions import shared_segmenter
 
     params = {"label_field": "masks", "model": str(tiny_sam3_hub_dir), "device": "cpu", "prompt_field": "boxes"}

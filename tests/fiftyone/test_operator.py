@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import URI
-from fo_helpers import assert_matches_core
+from fo_helpers import URI, assert_matches_core
 
 PROMPTS = ["red square", "green square"]
 
