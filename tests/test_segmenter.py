@@ -70,6 +70,7 @@ def test_cached_embedding_gives_the_same_result(make_segmenter, rgb_image, tmp_p
     cached = make_segmenter(cache_dir=tmp_path / "c").segment(rgb_image, "cat", threshold=0.0, **NO_NMS)
     assert cached.embedding_source == "disk"
     assert [i.box for i in fresh] == [i.box for i in cached]
+    # exact: the disk entry holds the computed tensors bit for bit and the same code decodes them (tests/tolerance.py)
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(fresh, cached))
     assert [i.score for i in fresh] == [i.score for i in cached]
 

@@ -20,6 +20,7 @@ def assert_matches_core(detections, result) -> None:
     for detection, inst in zip(detections.detections, result):
         assert detection.confidence == np.float32(inst.score) or detection.confidence == inst.score
         decoded = detection.to_segmentation(frame_size=(width, height), target=1).mask.astype(bool)
+        # exact: the host ran the same segmenter on the same cached embedding with the same prompts
         np.testing.assert_array_equal(decoded, inst.full_mask(height, width))
         x0, y0, x1, y1 = inst.box
         assert detection.get_mask().shape == (y1 - y0, x1 - x0)

@@ -46,7 +46,7 @@ def assert_objects_match_core(written, sample, segmenter) -> None:
         assert detection.confidence == float(inst.score)
         assert detection.bounding_box == relative_box(inst.box, (height, width))
         decoded = detection.to_segmentation(frame_size=(width, height), target=1).mask.astype(bool)
-        np.testing.assert_array_equal(decoded, inst.full_mask(height, width))
+        np.testing.assert_array_equal(decoded, inst.full_mask(height, width))  # exact: same segmenter, same box, cached embedding
 
 
 def test_each_box_of_a_detections_field_becomes_one_masked_detection(fo, box_dataset, hub_segmenter):
