@@ -311,9 +311,15 @@ class Segmenter:
         the others are `result.alternatives`, best first. The image embedding is the one text
         prompts use: an image seen by either runs no image encoder again. Masks are cut at
         `mask_threshold` (`options` or by name) and cropped like every other result.
+
+        Large images: with tiling on (`tile`, ``"auto"`` by the same rule as `segment`) the prompts
+        are answered from one window of the image at the model's resolution: the grid tile holding
+        them all (its embedding is the one text prompts on that tile use), else a tile-sized window
+        placed over them, else the grid tiles they touch (see `promptseg.visual_tiling`); the
+        instances are in image pixels and ``result.info`` names the window.
         Needs a checkpoint with the tracker (the hub's ``facebook/sam3``): `ModelLoadError` otherwise.
         """
-        from promptseg.visual import check_inside, check_visual_prompts, object_instances, to_model_input
+        from promptseg.visual import check_inside, check_visual_prompts
 
         options = _options(options, flat)
         prompts = check_visual_prompts(points, point_labels, box, mask)  # before any pixel is read
@@ -322,16 +328,43 @@ class Segmenter:
         check_inside(prompts, rgb.shape[:2])
         if multimask is None:
             multimask = prompts.points is not None and len(prompts.points) == 1 and prompts.box is None and mask is None
+        window, info = self._object_window(prompts, rgb.shape[:2], options)
+        if window is None:
+            found, origin = self._decode_object(rgb, prompts, bool(multimask), options.decoding.mask_threshold)
+        else:
+            from promptseg.visual_tiling import prompts_in_window, to_image
+
+            local = prompts_in_window(prompts, window, rgb.shape[:2])
+            found, origin = self._decode_object(window.pixels(rgb), local, bool(multimask), options.decoding.mask_threshold)
+            found = [to_image(inst, window) for inst in found]
+        return SegmentationResult(
+            instances=found[:1], image_size=rgb.shape[:2], prompts=[], embedding_source=origin, info=info,
+            source=str(image) if isinstance(image, (str, os.PathLike)) else None, alternatives=found[1:],
+        )
+
+    def _object_window(self, prompts, image_size, options: SegmentOptions):
+        """The window of a tiled image that answers `prompts` and what the result says of it, or
+        ``(None, {})`` untiled (tiling off, the image too small for ``"auto"``, or only an empty mask)."""
+        from promptseg.visual_tiling import object_window, prompt_extent
+
+        grid = resolve_tiling(options.tiling, image_size, self.backend.input_size)
+        extent = None if grid is None else prompt_extent(prompts, image_size)
+        if extent is None:
+            return None, {}
+        window = object_window(extent, image_size, *grid)
+        logger.debug("Visual prompts over %s answered from the %s window %s", extent, window.kind, window.box)
+        return window, {"tile": grid[0], "overlap": grid[1], "window": window.box, "window_kind": window.kind}
+
+    def _decode_object(self, rgb: np.ndarray, prompts, multimask: bool, mask_threshold: float):
+        """embed (cached) -> the tracker head -> instances in `rgb`'s pixels, best first; and the embedding's origin."""
+        from promptseg.visual import object_instances, to_model_input
+
         inputs = to_model_input(prompts, rgb.shape[:2], self.backend.input_size)
         with self._lock:
             features, origin = self.embed(rgb)
-            logits, ious = self.backend.decode_object(features, *inputs, bool(multimask))
+            logits, ious = self.backend.decode_object(features, *inputs, multimask)
             self.stats.decoder_runs += 1
-        found = object_instances(logits, ious, rgb.shape[:2], options.decoding.mask_threshold)
-        return SegmentationResult(
-            instances=found[:1], image_size=rgb.shape[:2], prompts=[], embedding_source=origin,
-            source=str(image) if isinstance(image, (str, os.PathLike)) else None, alternatives=found[1:],
-        )
+        return object_instances(logits, ious, rgb.shape[:2], mask_threshold), origin
 
     @property
     def supports_visual_prompts(self) -> bool:
@@ -371,7 +404,9 @@ class Segmenter:
         label, phrase and score, so ids stay stable; a positive point on no instance adds the missed
         object at the end (label ``"object"``). An `Instance` (immutable) gives a new refined
         `Instance`. `image` is the image the result came from (default: the file it was read from);
-        its embedding is cached, so a refinement runs no image encoder.
+        its embedding is cached, so a refinement runs no image encoder. A tiled result is refined
+        with its own `tile` and `overlap` unless `options` or ``tile=``/``overlap=`` say otherwise:
+        the click is answered from a tile of the same grid (see `segment_object`).
         """
         from promptseg.visual import check_visual_prompts
 
@@ -384,6 +419,8 @@ class Segmenter:
                 "refine needs the image the result came from: pass image=... (the result was not read from a file)."
             )
         prompts = check_visual_prompts(points, point_labels, box)
+        if result is not None and options is None and not {"tile", "overlap"} & set(flat) and "tile" in result.info:
+            flat = {**flat, "tile": result.info["tile"], "overlap": result.info["overlap"]}  # the result's tiles
         if result is None:
             return self._refined(target, image, points, point_labels, box, options, flat)
         if index is None:
@@ -599,14 +636,21 @@ def _segment_whole(rgb, detect, cleanup: CleanupOptions, query: Query, progress,
 
 def _instance_under(result: SegmentationResult, points: np.ndarray | None, labels: np.ndarray | None) -> int | None:
     """The position of the instance drawn under the first positive point (else the first point),
-    the top one where instances overlap as `to_label_image` draws them; None on background."""
+    the top one where instances overlap as `to_label_image` draws them; None on background.
+
+    Reads each instance's compact mask at that pixel: no image-sized label array is made."""
     if points is None:
         return None
     x, y = points[labels == 1][0] if (labels == 1).any() else points[0]
     height, width = result.image_size
     row, col = min(int(y), height - 1), min(int(x), width - 1)
-    value = int(result.to_label_image()[row, col])
-    return value - 1 if value else None
+    under = [
+        index for index, inst in enumerate(result.instances)
+        if inst.box[0] <= col < inst.box[2] and inst.box[1] <= row < inst.box[3]
+        and inst.mask[row - inst.box[1], col - inst.box[0]]
+    ]
+    # to_label_image draws by rising score, ties in order: the last drawn is on top
+    return max(under, key=lambda index: (result.instances[index].score, index)) if under else None
 
 
 def _normalise_exemplars(boxes: np.ndarray, labels: np.ndarray, image_size) -> tuple[torch.Tensor, torch.Tensor]:

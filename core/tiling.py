@@ -52,7 +52,7 @@ class Tile:
         return (self.y0 + self.y1) / 2, (self.x0 + self.x1) / 2
 
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Tile start offsets along one axis: stride ``tile - overlap``, the last tile flush with the end."""
     if length <= tile:
         return [0]
@@ -64,7 +64,7 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
 def tile_grid(image_size: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
     """Row-major tiles of at most ``tile x tile`` pixels covering the image, overlapping by >= `overlap`."""
     height, width = image_size
-    rows, cols = _starts(height, tile, overlap), _starts(width, tile, overlap)
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     tiles = []
     for r, y0 in enumerate(rows):
         for c, x0 in enumerate(cols):
@@ -245,7 +245,7 @@ def _earlier_neighbours(tiles: list[Tile]) -> dict[int, list[Tile]]:
     }
 
 
-def _crop(inst: Instance, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+def crop_mask(inst: Instance, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """The instance's mask inside the image region ``[y0:y1, x0:x1]`` (zeros where it is absent)."""
     out = np.zeros((y1 - y0, x1 - x0), dtype=bool)
     bx0, by0, bx1, by1 = inst.box
@@ -266,7 +266,7 @@ def _agree_in_overlap(a: _Piece, b: _Piece, merge_iou: float) -> bool:
     x0, x1 = max(x0, min(ax0, bx0)), min(x1, max(ax1, bx1))
     if y0 >= y1 or x0 >= x1:
         return False
-    ma, mb = _crop(a.instance, y0, y1, x0, x1), _crop(b.instance, y0, y1, x0, x1)
+    ma, mb = crop_mask(a.instance, y0, y1, x0, x1), crop_mask(b.instance, y0, y1, x0, x1)
     inter = np.count_nonzero(ma & mb)
     if inter == 0:
         return False
@@ -305,7 +305,7 @@ def _stitch(group: list[_Piece]) -> Instance:
         owner[region][nearer] = slot
         seen = np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool)
         for part in parts:
-            seen |= _crop(part.instance, ry0, ry1, rx0, rx1)
+            seen |= crop_mask(part.instance, ry0, ry1, rx0, rx1)
         mask[region][nearer] = seen[nearer]
         tile_scores.append(max(p.instance.score for p in parts))
     weights = np.bincount(owner[mask], minlength=len(tile_scores)).astype(np.float64)
