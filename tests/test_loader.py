@@ -159,14 +159,14 @@ def test_cuda_is_used_when_present_and_refused_clearly_when_absent(tiny_sam3_dir
             promptseg.load_segmenter(str(tiny_sam3_dir), device="cuda:0", cache_dir=False)
 
 
-def test_device_and_dtype_policy():
+def test_explicit_dtypes_resolve_as_named():
     import torch
 
     from promptseg.device import resolve_dtype
 
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
 
 
 def test_fp16_runs_on_cpu_for_parity_checks(tiny_sam3_dir, rgb_image):
