@@ -61,17 +61,16 @@ def test_pt_files_pick_the_meta_backend_and_directories_the_transformers_one(met
 
 
 def test_checkpoint_uses_the_official_layout_and_loads_every_tensor(meta_checkpoint):
+    """Every ``detector.*`` tensor in the image model (the tracker's: tests/test_backend_meta_visual.py)."""
     from promptseg.backends import meta
 
     state = torch.load(meta_checkpoint, weights_only=True)
-    assert state and all(key.startswith("detector.") for key in state)
+    assert state and all(key.startswith(("detector.", "tracker.")) for key in state)
     backend = meta.load(str(meta_checkpoint), device="cpu")
     loaded = backend.model.state_dict()
     for key, value in state.items():
-        name = key[len("detector."):]
-        if ".sam2_convs." in name:  # loaded, then dropped: only the video tracker reads it
-            continue
-        assert torch.equal(loaded[name], value), name
+        if key.startswith("detector."):
+            assert torch.equal(loaded[key[len("detector."):]], value), key
 
 
 def test_random_model_has_no_uninitialised_text_parameters(meta_checkpoint):
@@ -107,16 +106,16 @@ def test_checkpoint_with_wrong_keys_is_refused(meta_checkpoint, tmp_path, what):
         meta.load(str(path), device="cpu")
 
 
-def test_tracker_tensors_and_nested_model_dict_are_accepted(meta_checkpoint, tmp_path):
+def test_nested_model_dict_is_accepted(meta_checkpoint, tmp_path):
     from promptseg.backends import meta
 
     def change(state):
-        nested = dict(state, **{"tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)})
+        nested = dict(state)
         state.clear()
         state["model"] = nested
 
     backend = meta.load(str(_rewrite(meta_checkpoint, tmp_path, change)), device="cpu")
-    assert backend.name == "sam3-meta"
+    assert backend.name == "sam3-meta" and backend.visual_prompts
 
 
 def test_unreadable_file_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
@@ -150,24 +149,28 @@ def test_device_redirect_is_scoped_to_its_block():
 @pytest.mark.slow
 def test_released_architecture_matches_metas_own_builder_key_for_key():
     """The loader's full-size model has exactly the detector keys and shapes of Meta's builder
-    (with the SAM 2 neck, as in sam3.pt), so the official checkpoint loads strictly. ~75 s, 4 GB."""
+    (with the SAM 2 neck, as in sam3.pt), and its tracker those of the builder's interactive
+    predictor (``tracker.*`` in sam3.pt), so the official checkpoint loads strictly. ~75 s, 4 GB."""
     import gc
 
     from sam3.model_builder import build_sam3_image_model
 
     from promptseg.backends.meta.device import DeviceRedirect
-    from promptseg.backends.meta.model import Architecture, build_image_model
+    from promptseg.backends.meta.model import Architecture, build_image_model, build_tracker
     from promptseg.tokenizer import open_clip_vocab_path
 
     with DeviceRedirect("cpu"):
         reference = build_sam3_image_model(bpe_path=str(open_clip_vocab_path()), device="cpu",
                                            load_from_HF=False, enable_inst_interactivity=True)
-    expected = {k: v.shape for k, v in reference.state_dict().items()
-                if not k.startswith("inst_interactive_predictor.")}  # the tracker: tracker.* in sam3.pt
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    tracker = "inst_interactive_predictor.model."  # where Meta's loader puts tracker.* of sam3.pt
+    expected = {k: shape for k, shape in shapes.items() if not k.startswith("inst_interactive_predictor.")}
+    expected_tracker = {k[len(tracker):]: shape for k, shape in shapes.items() if k.startswith(tracker)}
     del reference
     gc.collect()
     ours = {k: v.shape for k, v in build_image_model(Architecture(), open_clip_vocab_path()).state_dict().items()}
     assert ours == expected
+    assert {k: v.shape for k, v in build_tracker(Architecture()).state_dict().items()} == expected_tracker
 
 
 # -- the core pipeline ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ the text tokenizer gets open_clip's CLIP vocabulary (the package ships none), an
 into the package runs under a `DeviceRedirect`, so CUDA, Apple MPS and the CPU all work without
 editing the installed package. The cached embedding is the image encoder's FPN levels
 (``backbone_out["backbone_fpn"]``); position encodings depend on resolution only and are
-recomputed.
+recomputed. When the checkpoint holds the tracker (the official one does), its SAM prompt
+encoder and mask decoder answer visual prompts (`Sam3MetaBackend.decode_object`) on the same
+trunk run: the cached embedding then also holds the SAM 2 neck's levels (``tracker_i``).
 
 This module registers the backend and loads it (torch and the package are imported by `load`
 only); `model` builds the network and checks the checkpoint's keys, `backend` runs the loaded
@@ -82,10 +84,10 @@ def load(
     from promptseg.tokenizer import open_clip_vocab_path
 
     path, model_id = resolve_checkpoint(model, revision=revision, token=token)
-    network, arch = load_image_model(path, open_clip_vocab_path())
+    network, tracker, arch = load_image_model(path, open_clip_vocab_path())
     return Sam3MetaBackend(
         network, arch.image_size, model_id, torch.device(device), dtype or torch.float32,
-        patch_size=arch.patch_size, d_model=arch.d_model,
+        patch_size=arch.patch_size, d_model=arch.d_model, tracker=tracker,
     )
 
 

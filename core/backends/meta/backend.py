@@ -3,6 +3,11 @@
 Every call into the package runs under `DeviceRedirect` (its CUDA hard-codes go to this
 backend's device) and, below fp32, under ``torch.autocast`` with fp32 weights: the recipe the
 package is written for. See `promptseg.backends.meta` for loading.
+
+Visual prompts go through the tracker's SAM prompt encoder and mask decoder the way Meta's
+"instance interactive" image predictor (``SAM3InteractiveImagePredictor`` on
+``Sam3Image.predict_inst``) runs them, on levels cached with the detector's: the predictor itself
+keeps the image in its own state, so it is not shared between calls here.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import torch
 from promptseg.backends.protocol import Detections, Tensors
 from promptseg.backends.sam3_common import exemplar_inputs, sam3_embedding_spec, split_detections
 from promptseg.backends.meta.device import DeviceRedirect
+from promptseg.errors import ModelLoadError
 
 NAME = "sam3-meta"
 FPN_SCALES = (4.0, 2.0, 1.0)  # the neck's levels the detector consumes (its 0.5 level is scalped off)
+VISUAL_PROMPTS_HELP = (
+    "Visual prompts (points, boxes, masks) need SAM 3's tracker, which this sam3.pt does not hold (it has "
+    "detector.* tensors only). Load the official sam3.pt of facebook/sam3, which holds tracker.* too."
+)
 
 
 class Sam3MetaBackend:
@@ -27,11 +37,13 @@ class Sam3MetaBackend:
 
     def __init__(
         self, model, image_size: int, model_id: str, device: torch.device, dtype: torch.dtype,
-        patch_size: int = 14, d_model: int = 256,
+        patch_size: int = 14, d_model: int = 256, tracker=None,
     ) -> None:
         # fp32 weights, lower precisions through autocast: the recipe the package is written for
         # (it feeds fp32 tensors into layers in places, and turns autocast off around some)
         self.model = model.to(device).eval()
+        self.tracker = tracker.to(device).eval() if tracker is not None else None
+        """The tracker (``Sam3TrackerBase``) whose SAM heads answer visual prompts, or None."""
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
@@ -61,14 +73,85 @@ class Sam3MetaBackend:
     def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
         with self._redirect():
             out = self.model.backbone.forward_image(pixel_values.to(self.device))
-        return {f"fpn_{i}": level for i, level in enumerate(out["backbone_fpn"])}
+            embedding = {f"fpn_{i}": level for i, level in enumerate(out["backbone_fpn"])}
+            if self.tracker is not None:  # the SAM 2 neck ran on the same trunk output
+                embedding.update(self._tracker_levels(out["sam2_backbone_out"]["backbone_fpn"]))
+        return embedding
+
+    @property
+    def visual_prompts(self) -> bool:
+        """Whether `decode_object` can answer points, boxes and masks (the checkpoint has the tracker)."""
+        return self.tracker is not None
+
+    def _tracker_levels(self, levels: list[torch.Tensor]) -> Tensors:
+        """The SAM 2 neck's three levels as Meta's ``Sam3Processor.set_image`` prepares them for the
+        interactive predictor: the two finer ones through the mask decoder's projections."""
+        decoder = self.tracker.sam_mask_decoder
+        return {"tracker_0": decoder.conv_s0(levels[0]), "tracker_1": decoder.conv_s1(levels[1]),
+                "tracker_2": levels[2]}
 
     def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What `encode_image` returns whatever the image size (every image is resized to `input_size`).
 
         Under autocast the levels come out in the autocast precision, so they are `dtype` too.
         """
-        return sam3_embedding_spec(self.input_size, self.patch_size, self.d_model, FPN_SCALES, self.dtype)
+        spec = sam3_embedding_spec(self.input_size, self.patch_size, self.d_model, FPN_SCALES, self.dtype)
+        if self.tracker is not None:
+            decoder = self.tracker.sam_mask_decoder
+            channels = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels, self.d_model)
+            rows, cols = (side // self.patch_size for side in self.input_size)
+            for i, (scale, width) in enumerate(zip((4, 2, 1), channels)):
+                spec[f"tracker_{i}"] = ((1, width, rows * scale, cols * scale), self.dtype)
+        return spec
+
+    @torch.inference_mode()
+    def decode_object(
+        self,
+        image: Tensors,
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        box: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One object from visual prompts on a cached embedding: ``(K, h, w)`` mask logits at the
+        tracker's mask resolution and ``(K,)`` predicted IoUs (K = 3 with `multimask`, else 1).
+
+        `points` ``(N, 2)`` and `box` ``(4,)`` are in pixels of the model input (`input_size`), as
+        Meta's predictor scales them; `mask` is ``(H, W)`` float, resized to the prompt encoder's
+        mask size as Meta's tracker resizes mask prompts. The box goes first as two corner points
+        (labels 2 and 3), then the points, as in ``SAM3InteractiveImagePredictor.predict``.
+        """
+        import torch.nn.functional as F
+
+        if self.tracker is None:
+            raise ModelLoadError(VISUAL_PROMPTS_HELP)
+        encoder, decoder = self.tracker.sam_prompt_encoder, self.tracker.sam_mask_decoder
+        levels = [image[f"tracker_{i}"].to(self.device, self.dtype) for i in range(3)]
+        # the "no memory" embedding on the level the mask decoder reads, as Meta's image predictor adds it
+        embedding = levels[2] + self.tracker.no_mem_embed.view(1, -1, 1, 1)
+        coords, labels = [], []
+        if box is not None:
+            coords.append(box.reshape(1, 2, 2))
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int32))
+        if points is not None:
+            coords.append(points[None])
+            labels.append(point_labels[None].to(torch.int32))
+        sparse = None
+        if coords:
+            sparse = (torch.cat(coords, 1).to(self.device, torch.float32), torch.cat(labels, 1).to(self.device))
+        dense = None
+        if mask is not None:
+            dense = F.interpolate(mask[None, None].to(self.device, torch.float32), size=encoder.mask_input_size,
+                                  mode="bilinear", align_corners=False, antialias=True)
+        with self._redirect():
+            sparse_embeddings, dense_embeddings = encoder(points=sparse, boxes=None, masks=dense)
+            logits, ious, _, _ = decoder(
+                image_embeddings=embedding, image_pe=encoder.get_dense_pe(), sparse_prompt_embeddings=sparse_embeddings,
+                dense_prompt_embeddings=dense_embeddings, multimask_output=multimask, repeat_image=False,
+                high_res_features=levels[:2],
+            )
+        return logits[0].float(), ious[0].float()
 
     @torch.inference_mode()
     def encode_text(self, phrases: list[str]) -> list[Tensors]:
@@ -92,7 +175,7 @@ class Sam3MetaBackend:
         from sam3.model.data_misc import FindStage
 
         batch = len(texts)
-        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(image))]
+        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(len(FPN_SCALES))]
         backbone_out = {
             "backbone_fpn": levels,
             "vision_features": levels[-1],

@@ -6,8 +6,11 @@ the ``detector`` half of the official ``sam3.pt``); smaller ones serve tests and
 are described by a ``<checkpoint>.arch.json`` file saved beside the weights.
 
 The official checkpoint holds the image detector (``detector.*``) and the video tracker
-(``tracker.*``). Every detector key must match, with nothing missing or extra; tracker keys are
-allowed and ignored because image segmentation never runs the tracker. Meta's own loader is
+(``tracker.*``). Every detector key must match, with nothing missing or extra. The tracker's SAM
+prompt encoder and mask decoder answer visual prompts (points, a box, a mask) on the detector's
+trunk through the SAM 2 neck the detector carries, as Meta's "instance interactive" image
+predictor does: when the checkpoint holds ``tracker.*`` keys, every one of them must match too.
+A checkpoint without any (detector only) loads for text prompts alone. Meta's own loader is
 ``strict=False`` and only prints, so a wrong file would "load" with random layers.
 """
 
@@ -56,6 +59,10 @@ class Architecture:
     text_width: int = 1024
     text_heads: int = 16
     text_layers: int = 24
+    tracker_mem_dim: int = 64
+    tracker_memory_layers: int = 4
+    tracker_ffn_dim: int = 2048
+    tracker_num_maskmem: int = 7
 
     @classmethod
     def from_dict(cls, values: dict) -> Architecture:
@@ -194,19 +201,19 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def detector_state(state: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
-    """The detector's tensors, checked key by key and shape by shape against `model`."""
+def checked_part(state: dict[str, torch.Tensor], prefix: str, model, path: Path, what: str,
+                 foreign: list[str] = ()) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, checked key by key and shape by shape against `model`.
+
+    `foreign` lists keys that belong to no part (reported as unexpected too)."""
     expected = model.state_dict()
-    detector = {k[len(DETECTOR):]: v for k, v in state.items() if k.startswith(DETECTOR)}
-    other = sorted(k for k in state if not k.startswith((DETECTOR, TRACKER)))
-    missing = sorted(set(expected) - set(detector))
-    unexpected = sorted(set(detector) - set(expected))
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     mismatched = sorted(
-        f"{k} {tuple(detector[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(detector) if detector[k].shape != expected[k].shape
+        f"{prefix}{k} {tuple(part[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(part) if part[k].shape != expected[k].shape
     )
-    problems = {"missing keys": [DETECTOR + k for k in missing],
-                "unexpected keys": [DETECTOR + k for k in unexpected] + other,
+    problems = {"missing keys": [prefix + k for k in sorted(set(expected) - set(part))],
+                "unexpected keys": [prefix + k for k in sorted(set(part) - set(expected))] + list(foreign),
                 "shape mismatches": mismatched}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
@@ -215,18 +222,89 @@ def detector_state(state: dict[str, torch.Tensor], model, path: Path) -> dict[st
             for kind, keys in problems.items()
         )
         raise ModelLoadError(
-            f"{path} does not match SAM 3's image model ({detail}). Refusing a partial load: use the "
+            f"{path} does not match SAM 3's {what} ({detail}). Refusing a partial load: use the "
             f"official sam3.pt (facebook/sam3), or a checkpoint with a matching {path.name}{ARCH_SUFFIX}."
         )
-    return detector
+    return part
+
+
+def detector_state(state: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
+    """The detector's tensors, checked against `model`; keys of neither part are refused too."""
+    other = sorted(k for k in state if not k.startswith((DETECTOR, TRACKER)))
+    return checked_part(state, DETECTOR, model, path, "image model", other)
+
+
+def build_tracker(arch: Architecture):
+    """SAM 3's tracker as Meta's ``build_tracker`` composes it (SAM prompt encoder and mask decoder,
+    memory attention and memory encoder), dimensions from `arch`; on the CPU, in eval mode.
+
+    ``Sam3TrackerBase`` holds every tracker weight; Meta's builder wraps it in
+    ``Sam3TrackerPredictor``, which adds no weight but turns on CUDA bf16 autocast for the rest of
+    the thread while it is constructed, so it is not used here.
+    """
+    from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
+    from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
+    from sam3.model.model_misc import TransformerWrapper
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_tracker_base import Sam3TrackerBase
+    from sam3.sam.transformer import RoPEAttention
+
+    d, grid, mem = arch.d_model, arch.image_size // arch.patch_size, arch.tracker_mem_dim
+
+    def rope(**extra):
+        return RoPEAttention(embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.1, rope_theta=10000.0,
+                             feat_sizes=[grid, grid], use_fa3=False, use_rope_real=False, **extra)
+
+    with DeviceRedirect("cpu"):  # position caches are precomputed on "cuda" while it builds
+        memory_encoder = SimpleMaskEncoder(
+            out_dim=mem, in_dim=d,
+            position_encoding=PositionEmbeddingSine(num_pos_feats=mem, normalize=True, scale=None, temperature=10000,
+                                                    precompute_resolution=arch.image_size),
+            mask_downsampler=SimpleMaskDownSampler(embed_dim=d, kernel_size=3, stride=2, padding=1,
+                                                   interpol_size=[grid * 16, grid * 16]),
+            fuser=SimpleFuser(layer=CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1.0e-06,
+                                            use_dwconv=True), num_layers=2),
+        )
+        layer = TransformerDecoderLayerv2(
+            cross_attention_first=False, activation="relu", dim_feedforward=arch.tracker_ffn_dim, dropout=0.1,
+            pos_enc_at_attn=False, pre_norm=True, self_attention=rope(), d_model=d,
+            pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False,
+            cross_attention=rope(kv_in_dim=mem, rope_k_repeat=True),
+        )
+        memory_attention = TransformerEncoderCrossAttention(
+            remove_cross_attention_layers=[], batch_first=True, d_model=d, frozen=False, pos_enc_at_input=True,
+            layer=layer, num_layers=arch.tracker_memory_layers, use_act_checkpoint=False,
+        )
+        tracker = Sam3TrackerBase(
+            image_size=arch.image_size, num_maskmem=arch.tracker_num_maskmem, backbone=None,
+            backbone_stride=arch.patch_size,
+            transformer=TransformerWrapper(encoder=memory_attention, decoder=None, d_model=d),
+            maskmem_backbone=memory_encoder, multimask_output_in_sam=True, forward_backbone_per_frame_for_eval=True,
+            trim_past_non_cond_mem_for_eval=False, multimask_output_for_tracking=True, multimask_min_pt_num=0,
+            multimask_max_pt_num=1, non_overlap_masks_for_mem_enc=False, max_cond_frames_in_attn=4,
+            offload_output_to_cpu_for_eval=False,
+            sam_mask_decoder_extra_args={"dynamic_multimask_via_stability": True,
+                                         "dynamic_multimask_stability_delta": 0.05,
+                                         "dynamic_multimask_stability_thresh": 0.98},
+            use_memory_selection=False,
+        )
+    return tracker.eval()
 
 
 def load_image_model(path: Path, bpe_path: str | Path):
-    """Build the architecture `path` needs and load its weights strictly (on the CPU)."""
+    """Build the architecture `path` needs and load its weights strictly (on the CPU).
+
+    Returns the image model, the tracker (None when the checkpoint holds no ``tracker.*`` key)
+    and the architecture.
+    """
     arch = read_architecture(path)
     state = read_checkpoint(path)
     model = build_image_model(arch, bpe_path)
     model.load_state_dict(detector_state(state, model, path), strict=True)
-    # the SAM 2 neck only feeds the interactive tracker: skip computing it for every image
-    model.backbone.vision_backbone.sam2_convs = None
-    return model, arch
+    tracker = None
+    if any(k.startswith(TRACKER) for k in state):
+        tracker = build_tracker(arch)
+        tracker.load_state_dict(checked_part(state, TRACKER, tracker, path, "tracker"), strict=True)
+    else:  # the SAM 2 neck only feeds the tracker: skip computing it for every image
+        model.backbone.vision_backbone.sam2_convs = None
+    return model, tracker, arch
