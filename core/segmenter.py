@@ -18,7 +18,8 @@ hand their output forward; none calls back into an earlier one:
 callable; `segment_stack` hands `stacks` a callable running `segment_rgb` on each slice.
 `Segmenter.segment_object` (points, a box, a previous mask -> one object) checks its prompts
 (`promptseg.visual`), loads, embeds through the same cache as text prompts, and decodes with the
-backend's `decode_object`.
+backend's `decode_object`; on a tiled image it does so for the one window that holds the prompts
+(`promptseg.visual_tiling`: image -> window -> cached embedding -> decode -> instances in image pixels).
 """
 
 from __future__ import annotations
