@@ -1,4 +1,4 @@
-"""promptseg for napari: the *Segment by text* dock widget and synthetic sample data.
+"""promptseg for napari: the *Segment by text* and *Segment by clicks* dock widgets and synthetic sample data.
 
 napari finds this plugin through the ``napari.manifest`` entry point (``napari.yaml`` here).
 The widget only maps napari layers to core calls and results back to ``Labels`` layers; all
@@ -7,7 +7,7 @@ segmentation work happens in the core.
 
 from __future__ import annotations
 
-__all__ = ["SegmentWidget"]
+__all__ = ["ClicksWidget", "SegmentWidget"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from promptseg_napari._widget import SegmentWidget
 
         return SegmentWidget
+    if name == "ClicksWidget":
+        from promptseg_napari._clicks import ClicksWidget
+
+        return ClicksWidget
     raise AttributeError(name)

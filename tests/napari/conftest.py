@@ -1,4 +1,4 @@
-"""A real napari viewer with the *Segment by text* widget docked, pointed at the tiny random SAM 3.
+"""A real napari viewer with the *Segment by text* or *Segment by clicks* widget docked, on a tiny random SAM 3.
 
 GUI tests need a real X server (run under ``xvfb-run -a``). napari's pytest plugin provides
 ``make_napari_viewer``; pytest-qt provides ``qtbot``.
@@ -52,3 +52,32 @@ def notifications():
     yield seen
     notification_manager.notification_ready.disconnect(seen.append)
 
+
+
+@pytest.fixture
+def clicks_widget(make_napari_viewer, tiny_sam3_hub_dir):
+    """``(viewer, widget)``: the *Segment by clicks* widget docked, the hub-layout tiny SAM 3 (with
+    its tracker) on the CPU."""
+    from promptseg_napari._clicks import ClicksWidget
+
+    viewer = make_napari_viewer()
+    widget = ClicksWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment by clicks")
+    widget.model.value = str(tiny_sam3_hub_dir)
+    widget.device.value = "cpu"
+    yield viewer, widget
+    widget.finish_object()  # drop any queued update
+    from napari.qt.threading import WorkerBase
+
+    WorkerBase.await_workers(10_000)
+
+
+@pytest.fixture
+def settle(qtbot):
+    """Wait (bounded) until the clicks widget has no update waiting, queued or running."""
+
+    def wait(widget, timeout_ms: int = 60_000):
+        qtbot.waitUntil(lambda: not widget.busy, timeout=timeout_ms)
+        return widget.last_outcome
+
+    return wait

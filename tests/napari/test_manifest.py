@@ -24,9 +24,9 @@ def test_manifest_contract():
     manifest = PluginManifest.from_distribution("promptseg")
     assert manifest.name == "promptseg"
     widgets = {w.display_name: w.command for w in manifest.contributions.widgets}
-    assert "Segment by text" in widgets
+    assert "Segment by text" in widgets and "Segment by clicks" in widgets
     segment_menu = manifest.contributions.menus["napari/layers/segment"]
-    assert [item.command for item in segment_menu] == [widgets["Segment by text"]]
+    assert [item.command for item in segment_menu] == [widgets["Segment by text"], widgets["Segment by clicks"]]
     assert {s.key for s in manifest.contributions.sample_data} == {"nuclei", "nuclei_stack"}
 
 

@@ -1,0 +1,334 @@
+"""The *Segment by clicks* widget in a real napari viewer, on the hub-layout tiny SAM 3 (which has the
+tracker head that visual prompts need).
+
+The painted pixels are compared with a direct `segment_object` call on the same shared segmenter
+with the same prompts: both decode the same cached embedding with the same inputs, one prompt set
+at a time, so they are the same computation and compared exactly. The random model's masks are
+arbitrary shapes; what is checked is where the widget paints them, not what they look like.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_helpers import structured
+
+pytestmark = [pytest.mark.gui, pytest.mark.slow]
+
+
+def _segmenter(widget):
+    from promptseg.sessions import shared_segmenter
+
+    return shared_segmenter(widget.model.value, device="cpu")
+
+
+def _core_mask(widget, pixels, points=None, labels=None, box=None, mask=None) -> np.ndarray:
+    """The core's mask for these prompts (the widget asks SAM for one mask when it refines)."""
+    result = _segmenter(widget).segment_object(
+        pixels, points, labels, box, mask=mask, multimask=False if mask is not None else None
+    )
+    return result.instances[0].full_mask(*result.image_size)
+
+
+def _click(widget, position, positive=True):
+    """Add a click as napari's add mode does: the layer's feature default, then `add`."""
+    layer = widget.points_layer
+    layer.feature_defaults = {"positive": positive}
+    layer.add(position)
+
+
+def _errors(notifications):
+    return [n.message for n in notifications if str(n.severity) == "error"]
+
+
+def _labels_with(shape, regions):
+    """An int32 label image with `regions` = {id: (rows, cols)} painted in."""
+    data = np.zeros(shape, dtype=np.int32)
+    for value, (rows, cols) in regions.items():
+        data[rows, cols] = value
+    return data
+
+
+def test_clicks_paint_the_cores_mask_as_a_new_label_and_leave_other_labels_alone(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=31), scale=(0.5, 0.25), translate=(10, -3))
+    before = _labels_with((96, 128), {1: (slice(20, 60), slice(50, 120)), 5: (slice(0, 10), slice(0, 10))})
+    labels = viewer.add_labels(before.copy(), scale=(0.5, 0.25), translate=(10, -3))
+    widget.target.value = labels
+    assert widget.points_layer.ndim == 2 and np.allclose(widget.points_layer.scale, image.scale)
+
+    _click(widget, (30, 40))
+    settle(widget)
+    _click(widget, (50, 100), positive=False)
+    outcome = settle(widget)
+
+    assert outcome.error is None
+    assert list(widget.points_layer.features["positive"]) == [True, False]
+    expected = _core_mask(widget, image.data, [(40, 30), (100, 50)], [1, 0])
+    assert labels.selected_label == 6, "a new object takes the next free id"
+    painted = labels.data == 6
+    np.testing.assert_array_equal(painted, expected & (before == 0))
+    np.testing.assert_array_equal(labels.data[~painted], before[~painted])  # other ids kept, even under the mask
+    assert (expected & (before == 1)).any(), "the mask reaches label 1, which keeps its pixels"
+    assert "label 6" in widget.status.value and "image encoder skipped" in widget.status.value
+
+
+def test_every_update_is_one_undo_step_of_the_labels_layer(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=32))
+    points = widget.points_layer
+
+    points.data = np.array([[30.0, 40.0]])  # through the layer's data, new rows take the default (positive)
+    settle(widget)
+    labels = widget.target.value
+    assert labels is not None and labels.name == f"{image.name} objects"
+    first = labels.data.copy()
+    points.feature_defaults = {"positive": False}
+    points.data = np.array([[30.0, 40.0], [40.0, 60.0]])
+    settle(widget)
+    second = labels.data.copy()
+
+    np.testing.assert_array_equal(second == 1, _core_mask(widget, image.data, [(40, 30), (60, 40)], [1, 0]))
+    assert (first != second).any(), "the negative click changed the object"
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, first)
+    labels.undo()
+    assert not labels.data.any(), "undo restores the layer as it was before the first click"
+    labels.redo()
+    np.testing.assert_array_equal(labels.data, first)
+
+
+def test_a_box_drawn_in_the_shapes_layer_is_the_box_prompt(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=33))
+
+    widget.box_layer.add_rectangles(np.array([[10.0, 20.0], [60.0, 90.0]]))  # as the rectangle tool adds it
+    settle(widget)
+    labels = widget.target.value
+    np.testing.assert_array_equal(labels.data == 1, _core_mask(widget, image.data, box=(20, 10, 90, 60)))
+
+    _click(widget, (70, 100), positive=False)
+    settle(widget)
+    np.testing.assert_array_equal(
+        labels.data == 1, _core_mask(widget, image.data, [(100, 70)], [0], box=(20, 10, 90, 60))
+    )
+
+    # another shape counts as its bounding box; the last one drawn is the box
+    widget.box_layer.add_polygons([np.array([[5.0, 30.0], [40.0, 70.0], [5.0, 110.0]])])
+    settle(widget)
+    np.testing.assert_array_equal(
+        labels.data == 1, _core_mask(widget, image.data, [(100, 70)], [0], box=(30, 5, 110, 40))
+    )
+
+
+def test_refine_changes_only_the_label_under_the_first_click(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=34))
+    before = _labels_with((96, 128), {1: (slice(15, 50), slice(15, 70)), 2: (slice(50, 90), slice(60, 120))})
+    labels = viewer.add_labels(before.copy())
+    widget.target.value = labels
+    widget.mode.value = "refine selected label"
+    labels.selected_label = 2  # the click decides: it lands on label 1
+
+    _click(widget, (40, 60), positive=False)
+    _click(widget, (30, 30))  # the first positive click decides the label
+    settle(widget)
+
+    assert labels.selected_label == 1
+    expected = _core_mask(widget, image.data, [(60, 40), (30, 30)], [0, 1], mask=before == 1)
+    np.testing.assert_array_equal(labels.data == 1, expected & ((before == 0) | (before == 1)))
+    np.testing.assert_array_equal(labels.data == 2, before == 2)
+    assert (labels.data != before).any()
+
+
+def test_refine_on_background_uses_the_selected_label(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=35))
+    before = _labels_with((96, 128), {1: (slice(15, 50), slice(15, 70)), 2: (slice(50, 90), slice(60, 120))})
+    labels = viewer.add_labels(before.copy())
+    widget.target.value = labels
+    widget.mode.value = "refine selected label"
+    labels.selected_label = 2
+
+    _click(widget, (80, 20))  # background
+    settle(widget)
+
+    expected = _core_mask(widget, image.data, [(20, 80)], [1], mask=before == 2)
+    np.testing.assert_array_equal(labels.data == 2, expected & ((before == 0) | (before == 2)))
+    np.testing.assert_array_equal(labels.data == 1, before == 1)
+
+
+def test_a_click_on_a_z_stack_changes_only_the_current_slice(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    stack = structured((4, 64, 80), seed=36, dtype=np.uint16, high=3000)
+    image = viewer.add_image(stack, scale=(2.0, 0.5, 0.5), translate=(1, 2, 3))
+    viewer.dims.set_point(0, 1 + 2 * 2)  # world z of slice 2
+    points = widget.points_layer
+    assert points.ndim == 3
+
+    _click(widget, (1, 10, 10))  # a click kept on slice 1 is not a prompt for slice 2
+    _click(widget, (2, 30, 40))
+    settle(widget)
+
+    labels = widget.target.value
+    assert labels.data.shape == (4, 64, 80) and np.allclose(labels.scale, image.scale)
+    np.testing.assert_array_equal(labels.data[2] == 1, _core_mask(widget, stack[2], [(40, 30)], [1]))
+    assert labels.data[2].any() and not labels.data[[0, 1, 3]].any()
+
+
+def test_several_clicks_and_a_box_run_the_image_encoder_once(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((96, 128), seed=int(time.time_ns() % 100_000) + 500))  # unseen pixels
+    _click(widget, (30, 40))
+    settle(widget)
+    stats = _segmenter(widget).stats
+    encoder, decoder = stats.image_encoder_runs, stats.decoder_runs
+
+    for position, positive in [((50, 100), False), ((20, 30), True), ((60, 20), False)]:
+        _click(widget, position, positive)
+        settle(widget)
+    widget.box_layer.data = [np.array([[10.0, 20.0], [10.0, 90.0], [60.0, 90.0], [60.0, 20.0]])]
+    settle(widget)
+
+    assert stats.image_encoder_runs == encoder
+    assert stats.decoder_runs == decoder + 4
+    assert widget.last_outcome.source == "memory"
+
+
+def test_clicks_in_quick_succession_are_one_update(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=37))
+    _click(widget, (30, 40))
+    settle(widget)
+    decoder = _segmenter(widget).stats.decoder_runs
+
+    for position in [(35, 45), (40, 50), (45, 55)]:  # faster than the debounce interval
+        _click(widget, position)
+    settle(widget)
+
+    assert _segmenter(widget).stats.decoder_runs == decoder + 1
+    clicks = [(40, 30), (45, 35), (50, 40), (55, 45)]
+    np.testing.assert_array_equal(widget.target.value.data == 1, _core_mask(widget, image.data, clicks, [1] * 4))
+
+
+def test_viewer_processes_events_while_the_worker_runs(clicks_widget, qtbot):
+    """A 10 ms QTimer keeps ticking while the worker loads the model and encodes the image."""
+    from qtpy.QtCore import QTimer
+
+    from promptseg.sessions import clear_shared_segmenters
+
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((96, 128), seed=38))
+    clear_shared_segmenters()  # the first click loads the model in the worker, as in a new session
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    try:
+        _click(widget, (30, 40))
+        qtbot.waitUntil(lambda: widget._worker is not None, timeout=5_000)
+        start = time.perf_counter()
+        qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+        end = time.perf_counter()
+    finally:
+        timer.stop()
+
+    assert widget.last_outcome.error is None and widget.last_outcome.source == "computed"
+    during = [t for t in ticks if start <= t <= end]
+    gaps = np.diff([start, *during, end])
+    duration = end - start
+    print(f"worker {duration:.2f} s, {len(during)} timer ticks, longest gap {gaps.max() * 1000:.0f} ms")
+    assert len(during) >= 10, f"only {len(during)} ticks in {duration:.2f} s of work"
+    assert gaps.max() < duration / 3, "the event loop stalled for a large part of the work"
+
+
+def test_finish_object_clears_the_prompts_and_the_next_click_is_a_new_label(clicks_widget, settle, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((96, 128), seed=39))
+    _click(widget, (30, 40))
+    widget.box_layer.data = [np.array([[10.0, 20.0], [10.0, 90.0], [60.0, 90.0], [60.0, 20.0]])]
+    settle(widget)
+    labels = widget.target.value
+    first = labels.data.copy()
+    assert viewer.layers.selection.active is widget.points_layer
+
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key_N)  # the clicks layer's shortcut
+
+    assert len(widget.points_layer.data) == 0 and len(widget.box_layer.data) == 0
+    assert "Label 1 finished" in widget.status.value
+    settle(widget)
+    np.testing.assert_array_equal(labels.data, first), "clearing the prompts keeps the object"
+    _click(widget, (80, 110))
+    settle(widget)
+    assert labels.selected_label == 2 and (labels.data == 2).any()
+    np.testing.assert_array_equal(labels.data[first == 1], first[first == 1])
+
+
+def test_shift_click_adds_a_negative_point_and_t_toggles_the_kind(clicks_widget, settle, qtbot):
+    from qtpy.QtCore import QPoint, Qt
+
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((96, 128), seed=40))
+    viewer.reset_view()
+    canvas = viewer.window._qt_viewer.canvas.native
+    centre = QPoint(canvas.width() // 2, canvas.height() // 2)
+    points = widget.points_layer
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is points, timeout=5_000)  # ready to click
+    assert points.mode == "add"
+
+    qtbot.mouseClick(canvas, Qt.LeftButton, Qt.NoModifier, centre)
+    qtbot.mouseClick(canvas, Qt.LeftButton, Qt.ShiftModifier, centre + QPoint(20, 0))
+    qtbot.keyClick(canvas, Qt.Key_T)
+    assert widget.negative.value
+    qtbot.mouseClick(canvas, Qt.LeftButton, Qt.NoModifier, centre + QPoint(0, 20))
+    qtbot.mouseClick(canvas, Qt.LeftButton, Qt.ShiftModifier, centre + QPoint(20, 20))
+    settle(widget)
+
+    assert list(points.features["positive"]) == [True, False, False, True]
+    colours = [tuple(np.round(c[:3], 2)) for c in points.face_color]
+    assert colours == [(0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)]
+
+
+def test_a_model_without_the_visual_prompt_head_is_a_clear_error(clicks_widget, settle, notifications, tiny_sam3_dir):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=41))
+    widget.model.value = str(tiny_sam3_dir)  # a Sam3Model save: the text detector only
+
+    _click(widget, (30, 40))
+    outcome = settle(widget)
+
+    assert "no visual-prompt head" in outcome.error and "facebook/sam3" in outcome.error
+    assert "no visual-prompt head" in widget.status.value and widget.status.value.startswith("Error")
+    assert _errors(notifications) == [outcome.error]
+    assert not widget.target.value.data.any()
+
+
+def test_a_click_outside_the_image_is_a_clear_error(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=42))
+
+    _click(widget, (30, 200))
+    outcome = settle(widget)
+
+    assert "outside the 64x64 image" in outcome.error
+    assert "outside" in widget.status.value and _errors(notifications) == [outcome.error]
+    assert not widget.target.value.data.any()
+
+
+def test_a_labels_layer_of_another_shape_is_refused(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=43))
+    labels = viewer.add_labels(np.zeros((32, 32), dtype=np.int32))
+    widget.target.value = labels
+
+    _click(widget, (30, 40))
+    settle(widget)
+
+    assert any("has shape (32, 32), the image needs (64, 64)" in m for m in _errors(notifications))
+    assert not labels.data.any() and widget._worker is None
