@@ -15,11 +15,9 @@ A detector-only checkpoint (a ``Sam3Model`` save) answers text prompts only.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,14 +146,6 @@ def _weights_digest(path: Path) -> str:
 
     weights = sorted(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
     return weights_fingerprint((path / "config.json").read_bytes(), *weights)
-
-
-@lru_cache(maxsize=1)
-def _text_embeds_takes_output() -> bool:
-    """transformers changed `text_embeds` during 5.x from a tensor to the text-encoder output."""
-    from transformers import Sam3Model
-
-    return "text_embeds.pooler_output" in inspect.getsource(Sam3Model.forward)
 
 
 class Sam3Backend:
@@ -329,33 +319,23 @@ class Sam3Backend:
         box_labels: torch.Tensor | None = None,
     ) -> list[Detections]:
         import torch
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-        from promptseg.backends.sam3_common import exemplar_inputs, split_detections
+        from promptseg.backends.sam3_common import exemplar_inputs
+        from promptseg.backends.sam3_hf_detect import detect
 
         batch = len(texts)
-        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(sum(n.startswith("fpn_") for n in image))]
-        vision = Sam3VisionEncoderOutput(
-            fpn_hidden_states=tuple(level.expand(batch, -1, -1, -1) for level in levels) + (None,),
-            fpn_position_encoding=tuple(self._position(level).expand(batch, -1, -1, -1) for level in levels)
-            + (None,),
-        )
+        count = sum(name.startswith("fpn_") for name in image)
+        levels = [image[f"fpn_{i}"].to(self.device, self.dtype) for i in range(count)]
+        positions = [self._position(level).expand(batch, -1, -1, -1) for level in levels]
+        levels = [level.expand(batch, -1, -1, -1) for level in levels]
         features = torch.cat([t["features"] for t in texts]).to(self.device, self.dtype)
         mask = torch.cat([t["mask"] for t in texts]).to(self.device)
-        text_embeds = (
-            BaseModelOutputWithPooling(pooler_output=features) if _text_embeds_takes_output() else features
-        )
-        extra = {}
+        exemplars = {}
         if boxes is not None and len(boxes):
             cxcywh, labels = exemplar_inputs(boxes, box_labels, self.device, self.dtype)
-            extra = {
-                "input_boxes": cxcywh[None].expand(batch, -1, -1),
-                "input_boxes_labels": labels[None].expand(batch, -1),
-            }
+            exemplars = {"boxes": cxcywh[None].expand(batch, -1, -1), "box_labels": labels[None].expand(batch, -1)}
         with torch.inference_mode():
-            out = self.model(vision_embeds=vision, text_embeds=text_embeds, attention_mask=mask, **extra)
-        return split_detections(out.pred_logits, out.presence_logits, out.pred_masks, out.pred_boxes, threshold)
+            return detect(self.model, levels, positions, features, mask, threshold, **exemplars)
 
     def _position(self, level: torch.Tensor) -> torch.Tensor:
         key = (tuple(level.shape[1:]), level.device, level.dtype)
