@@ -263,3 +263,50 @@ def test_embedding_spec_holds_the_tracker_levels(meta_visual_checkpoint, rgb_ima
         assert {"tracker_0", "tracker_1", "tracker_2"} <= set(features)
         assert {name: (tuple(t.shape), t.dtype) for name, t in features.items()} == seg.backend.embedding_spec(
             rgb_image.shape[:2])
+
+
+def test_disk_entry_without_the_tracker_levels_is_recomputed(meta_visual_checkpoint, tmp_path, rgb_image):
+    """An entry written for text prompts alone (no ``tracker_i``) fails the spec check and is recomputed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "shared"
+    seg = promptseg.load_segmenter(str(meta_visual_checkpoint), device="cpu", cache_dir=cache)
+    seg.segment(rgb_image, "cat", threshold=0.0)
+    (path,) = seg.cache.disk.files()
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        detector_only = {n: handle.get_tensor(n) for n in handle.keys() if n.startswith("fpn_")}
+    save_file(detector_only, path, metadata={**metadata, "tensor_names": json.dumps(sorted(detector_only))})
+    later = promptseg.load_segmenter(str(meta_visual_checkpoint), device="cpu", cache_dir=cache)
+    result = later.segment_object(rgb_image, points=[(60, 50)])
+    assert result.embedding_source == "computed" and later.stats.image_encoder_runs == 1
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_visual_prompts_match_fp32(meta_visual_checkpoint, rgb_image, dtype):
+    """Same tolerances as text prompts (tests/tolerance.py LOW_PRECISION): predicted IoUs like scores,
+    mask probabilities, and the share of mask pixels on the same side of the cut."""
+    from tolerance import LOW_PRECISION
+
+    score_tol, mask_tol, _, agreement = LOW_PRECISION[dtype]
+    answers = []
+    for precision in ("fp32", dtype):
+        seg = promptseg.load_segmenter(str(meta_visual_checkpoint), device="cpu", cache_dir=False, dtype=precision)
+        features, _ = seg.embed(rgb_image)
+        assert features["tracker_2"].dtype == seg.dtype
+        decode = seg.backend.decode_object
+        mask = torch.zeros(rgb_image.shape[:2])
+        mask[30:80, 40:110] = 1
+        answers.append([
+            decode(features, torch.tensor([[40.0, 60.0], [90.0, 20.0]]), torch.tensor([1, 0]), None, None, True),
+            decode(features, None, None, torch.tensor([20.0, 30.0, 60.0, 90.0]), mask, False),
+        ])
+    for (ref_logits, ref_ious), (low_logits, low_ious) in zip(*answers):
+        assert torch.isfinite(low_logits).all() and low_logits.shape == ref_logits.shape
+        torch.testing.assert_close(low_ious, ref_ious, atol=score_tol, rtol=0)
+        torch.testing.assert_close(low_logits.sigmoid(), ref_logits.sigmoid(), atol=mask_tol, rtol=0)
+        same = ((ref_logits > 0) == (low_logits > 0)).float().mean().item()
+        assert same >= agreement, f"{dtype}: only {same:.4f} of mask pixels agree with fp32"
