@@ -332,3 +332,73 @@ def test_a_labels_layer_of_another_shape_is_refused(clicks_widget, settle, notif
 
     assert any("has shape (32, 32), the image needs (64, 64)" in m for m in _errors(notifications))
     assert not labels.data.any() and widget._worker is None
+
+
+def test_removing_every_click_restores_the_object_as_it_was(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((96, 128), seed=44))
+    before = _labels_with((96, 128), {1: (slice(15, 50), slice(15, 70)), 2: (slice(50, 90), slice(60, 120))})
+    labels = viewer.add_labels(before.copy())
+    widget.target.value = labels
+    widget.mode.value = "refine selected label"
+    _click(widget, (30, 30))
+    _click(widget, (40, 60), positive=False)
+    settle(widget)
+    assert (labels.data != before).any()
+
+    widget.points_layer.data = np.empty((0, 2))
+    settle(widget)
+
+    np.testing.assert_array_equal(labels.data, before)
+    assert "object restored" in widget.status.value
+
+
+def test_refine_with_no_label_under_the_click_and_none_selected_is_a_clear_error(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=45))
+    labels = viewer.add_labels(np.zeros((64, 64), dtype=np.int32))
+    labels.selected_label = 0
+    widget.target.value = labels
+    widget.mode.value = "refine selected label"
+
+    _click(widget, (30, 40))
+    settle(widget)
+
+    assert any("No label to refine: click inside a label" in m for m in _errors(notifications))
+    assert widget.status.value.startswith("Error") and widget._worker is None and not labels.data.any()
+
+
+def test_a_slice_beyond_the_stack_is_a_clear_error(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((4, 64, 64), seed=46), name="short stack")
+    viewer.add_image(np.zeros((8, 64, 64), dtype=np.uint8), name="longer stack", visible=False)
+    widget.image.value = image
+    viewer.dims.set_point(0, 6)
+
+    _click(widget, (6, 30, 40))
+    settle(widget)
+
+    assert any("The viewer shows slice 6, outside 'short stack' (slices 0..3)" in m for m in _errors(notifications))
+    assert widget._worker is None
+
+
+def test_a_box_without_area_is_a_clear_error(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=47))
+
+    widget.box_layer.add_lines(np.array([[20.0, 10.0], [20.0, 50.0]]))  # a flat line: its box has no height
+    outcome = settle(widget)
+
+    assert "is empty or reversed" in outcome.error and _errors(notifications) == [outcome.error]
+    assert not widget.target.value.data.any()
+
+
+def test_an_empty_model_box_is_a_clear_error(clicks_widget, settle, notifications):
+    viewer, widget = clicks_widget
+    viewer.add_image(structured((64, 64), seed=48))
+    widget.model.value = "  "
+
+    _click(widget, (30, 40))
+    settle(widget)
+
+    assert any("The model is empty" in m for m in _errors(notifications)) and widget._worker is None
