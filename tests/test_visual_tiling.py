@@ -183,6 +183,18 @@ def test_mask_refinement_is_cropped_to_the_window(hub_segmenter, large_image):
         assert_same_as_direct_call(hub_segmenter, large_image, tiled, prompt)
 
 
+def test_tiled_clicks_on_the_meta_backend_equal_a_direct_call_on_their_window(tmp_path, large_image):
+    from promptseg.testing import make_random_meta_sam3
+
+    checkpoint = make_random_meta_sam3(tmp_path / "tiny-meta")
+    seg = promptseg.load_segmenter(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache")
+    assert seg.backend.name == "sam3-meta" and seg.supports_visual_prompts
+    for prompt, kind in ((dict(points=[(60.0, 50.0)]), "grid"), (dict(box=(100.0, 20.0, 150.0, 60.0)), "shifted")):
+        tiled = seg.segment_object(large_image, tile=TILE, **prompt)
+        assert tiled.info["window_kind"] == kind
+        assert_same_as_direct_call(seg, large_image, tiled, prompt)
+
+
 # --- the text grid's cached tiles answer the clicks ----------------------------------------------------
 
 
