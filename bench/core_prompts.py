@@ -29,7 +29,7 @@ def main() -> None:
     directory = model_dir(args.size)
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open("examples/chelsea.jpg").convert("RGB"))
     height, width = image.shape[:2]
-    seg = promptseg.load_segmenter(str(directory), device="cpu", cache_dir=False)
+    seg = promptseg.load_segmenter(str(directory), device="cpu", dtype="fp32", cache_dir=False)  # both sides fp32
     size = seg.backend.input_size
     processor = Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": size[0], "width": size[1]}),
                               tokenizer=clip_tokenizer())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,10 @@ def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = 
         out(OK, "CUDA", f"{torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
     else:
         out(WARN, "CUDA", "not available: the CPU runs full-size SAM 3 at about 35 s per new image in fp32, 16 s in bf16")
+    cores = os.cpu_count() or 1
+    out(OK if torch.get_num_threads() <= cores else WARN, "torch threads",
+        f"{torch.get_num_threads()} for {cores} CPU core(s); one model call runs at a time per loaded model "
+        "(set OMP_NUM_THREADS to cores / processes when several processes share the machine)")
     native = native_cpu_bf16()
     for dtype in (torch.bfloat16, torch.float16):
         try:

@@ -119,3 +119,5 @@ def test_doctor_says_which_precision_auto_picks_and_why(auto_means_auto, monkeyp
     run_checks(out=lambda status, what, detail="": lines.append((status, what, detail)))
     precision = [detail for _, what, detail in lines if what == "dtype='auto'"]
     assert precision == ["bf16: the CPU has native bf16 (AVX512-BF16, detected by torch)"]
+    threads = [detail for _, what, detail in lines if what == "torch threads"]
+    assert threads and threads[0].startswith(f"{torch.get_num_threads()} for ")
