@@ -18,22 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 
 from promptseg.errors import OptionError, PromptsegError
-from promptseg.options import SegmentOptions
+from promptseg.options import SegmentOptions, option_info
 from promptseg.segmenter import default_model
 from promptseg.sessions import shared_segmenter
 from promptseg_napari._layers import AXES_CHOICES, LayerInput, layer_input, parse_channels
+from promptseg_napari._widget import DEFAULT_TILE_SIZE, TILING, channels_text, tiling_choice
 
 logger = logging.getLogger(__name__)
 
 NEW_OBJECT, REFINE = "new object", "refine selected label"
 MODES = (NEW_OBJECT, REFINE)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+WIDGET_OPTIONS = ("tile", "channels")
+"""The `SegmentOptions` the widget shows; every other option keeps the core's default."""
 CLICKS_LAYER, BOX_LAYER = "promptseg clicks", "promptseg box"
 POSITIVE_COLOR, NEGATIVE_COLOR = "lime", "red"
 DEBOUNCE_MS = 120
@@ -114,7 +117,7 @@ class ClicksWidget(Container):
                               tooltip="The image layer to click on (2D, RGB, multichannel, z-stack or time series).")
         self.axes = ComboBox(label="axes", choices=AXES_CHOICES, value="auto",
                              tooltip="Layout of the layer: Z or T = slices, C = channels. 'auto' guesses.")
-        self.channels = LineEdit(label="channels", value="",
+        self.channels = LineEdit(label="channels", value=channels_text(option_info("channels").default),
                                  tooltip="Up to three channel numbers shown to the model as RGB, e.g. '0, 2'. "
                                          "Blank: the first three.")
         self.target = ComboBox(label="labels", choices=self._layer_choices("Labels"), nullable=True,
@@ -126,6 +129,14 @@ class ClicksWidget(Container):
         self.negative = CheckBox(text="negative clicks (T)", value=False,
                                  tooltip="Add negative (red, 'not this') clicks instead of positive (green) ones. "
                                          "Shift+click adds the other kind.")
+        tile = option_info("tile")
+        self.tiling = ComboBox(label="tiling", choices=TILING, value=tiling_choice(tile.default),
+                               tooltip="'on': a click is answered from the tile of 'tile size' pixels that holds it, "
+                                       "at the model's resolution (fine detail on a large image); 'auto' tiles images "
+                                       "much larger than the model input.")
+        self.tile_size = SpinBox(label="tile size (px)", min=tile.minimum, max=16384, step=16,
+                                 value=tile.default if isinstance(tile.default, int) else DEFAULT_TILE_SIZE,
+                                 enabled=self.tiling.value == "on")
         self.model = LineEdit(label="model", value=default_model(),
                               tooltip="Hub id or local directory of a SAM 3 model with its tracker (facebook/sam3).")
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
@@ -133,8 +144,8 @@ class ClicksWidget(Container):
                                         tooltip="Keep the object and clear the clicks and the box for the next one.")
         self.status = Label(label="", value="Click on the image: positive (green) adds, Shift+click (red) removes.")
         super().__init__(widgets=[
-            self.image, self.axes, self.channels, self.target, self.mode, self.negative, self.model,
-            self.device, self.finish_button, self.status,
+            self.image, self.axes, self.channels, self.target, self.mode, self.negative, self.tiling,
+            self.tile_size, self.model, self.device, self.finish_button, self.status,
         ])
         self.debounce_ms = DEBOUNCE_MS
         self._timer = QTimer()
@@ -153,6 +164,7 @@ class ClicksWidget(Container):
         for control in (self.mode, self.target, self.axes, self.channels):
             control.changed.connect(self._forget_object)
         self.negative.changed.connect(self._on_negative_changed)
+        self.tiling.changed.connect(lambda value: setattr(self.tile_size, "enabled", value == "on"))
         layers = napari_viewer.layers
         layers.events.inserted.connect(self._on_layer_inserted)
         layers.events.removed.connect(self._refresh_choices)
@@ -270,7 +282,7 @@ class ClicksWidget(Container):
         if image is None:
             raise OptionError("No image layer chosen: open an image (or File > Open Sample) and pick it in 'image'.")
         source = layer_input(image, self.axes.value)
-        options = SegmentOptions.from_flat(channels=parse_channels(self.channels.value))
+        options = self.segment_options()
         model = self.model.value.strip()
         if not model:
             raise OptionError("The model is empty: give a hub id such as facebook/sam3 or a local model directory.")
@@ -290,6 +302,11 @@ class ClicksWidget(Container):
             generation=self._generation, model=model, device=self.device.value, pixels=plane_pixels(source, plane),
             points=points, point_labels=point_labels, box=box, mask=obj.start[plane], options=options, plane=plane,
         )
+
+    def segment_options(self) -> SegmentOptions:
+        """The `SegmentOptions` the form says (`WIDGET_OPTIONS`; the rest are the core's defaults)."""
+        tile = {"off": None, "auto": "auto", "on": int(self.tile_size.value)}[self.tiling.value]
+        return SegmentOptions.from_flat(tile=tile, channels=parse_channels(self.channels.value))
 
     def current_plane(self, source: LayerInput) -> tuple[int, ...]:
         """``()`` for a 2D image, else ``(index,)`` of the slice the viewer shows."""

@@ -137,7 +137,7 @@ class SegmentWidget(Container):
                               tooltip="The image layer to segment (2D, RGB, multichannel, z-stack or time series).")
         self.axes = ComboBox(label="axes", choices=AXES_CHOICES, value="auto",
                              tooltip="Layout of the layer: Z or T = slices, C = channels. 'auto' guesses.")
-        self.channels = LineEdit(label="channels", value=_channels_text(option_info("channels").default),
+        self.channels = LineEdit(label="channels", value=channels_text(option_info("channels").default),
                                  tooltip="Up to three channel numbers shown to the model as RGB, e.g. '0, 2'. "
                                          "Blank: the first three.")
         self.prompts = LineEdit(label="prompts", value="",
@@ -150,7 +150,7 @@ class SegmentWidget(Container):
         self.min_area = SpinBox(label="min area (px)", min=min_area.minimum, max=10_000_000, value=min_area.default,
                                 tooltip=_tip(min_area))
         tile = option_info("tile")
-        self.tiling = ComboBox(label="tiling", choices=TILING, value=_tiling_choice(tile.default),
+        self.tiling = ComboBox(label="tiling", choices=TILING, value=tiling_choice(tile.default),
                                tooltip="'on' splits the image into overlapping tiles of 'tile size' pixels, each at "
                                        "the model's resolution; 'auto' tiles images much larger than the model input.")
         self.tile_size = SpinBox(label="tile size (px)", min=tile.minimum, max=16384, step=16,
@@ -359,12 +359,12 @@ def _tip(info) -> str:
     return info.help[:1].upper() + info.help[1:] + "."
 
 
-def _tiling_choice(tile) -> str:
+def tiling_choice(tile) -> str:
     """The tiling choice that shows a `tile` value: None is off, 'auto' is auto, a size is on."""
     return {None: "off", "auto": "auto"}.get(tile, "on")
 
 
-def _channels_text(channels) -> str:
+def channels_text(channels) -> str:
     """The channels field's text for a `channels` value (None: blank, the first three)."""
     return "" if channels is None else ", ".join(map(str, channels))
 

@@ -25,10 +25,10 @@ def _segmenter(widget):
     return shared_segmenter(widget.model.value, device="cpu")
 
 
-def _core_mask(widget, pixels, points=None, labels=None, box=None, mask=None) -> np.ndarray:
+def _core_mask(widget, pixels, points=None, labels=None, box=None, mask=None, **options) -> np.ndarray:
     """The core's mask for these prompts (the widget asks SAM for one mask when it refines)."""
     result = _segmenter(widget).segment_object(
-        pixels, points, labels, box, mask=mask, multimask=False if mask is not None else None
+        pixels, points, labels, box, mask=mask, multimask=False if mask is not None else None, **options
     )
     return result.instances[0].full_mask(*result.image_size)
 
@@ -402,3 +402,27 @@ def test_an_empty_model_box_is_a_clear_error(clicks_widget, settle, notification
     settle(widget)
 
     assert any("The model is empty" in m for m in _errors(notifications)) and widget._worker is None
+
+
+def test_tiling_answers_a_click_from_its_tile(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((300, 300), seed=49))
+    widget.tiling.value = "on"
+    assert widget.tile_size.enabled
+    widget.tile_size.value = 112  # the tiny model's input size
+
+    _click(widget, (150, 160))
+    settle(widget)
+
+    painted = widget.target.value.data == 1
+    np.testing.assert_array_equal(painted, _core_mask(widget, image.data, [(160, 150)], [1], tile=112))
+    assert not np.array_equal(painted, _core_mask(widget, image.data, [(160, 150)], [1])), "tiling made a difference"
+
+
+def test_form_defaults_are_the_cores(clicks_widget):
+    from promptseg.options import SegmentOptions, option_info
+
+    _, widget = clicks_widget
+    assert widget.segment_options() == SegmentOptions()
+    assert widget.tiling.value == "off" and option_info("tile").default is None
+    assert widget.mode.value == "new object" and not widget.negative.value
