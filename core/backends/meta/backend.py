@@ -34,6 +34,8 @@ class Sam3MetaBackend:
     """A loaded ``Sam3Image`` whose calls into the package run on this backend's device."""
 
     name = NAME
+    visual_prompts_help = VISUAL_PROMPTS_HELP
+    """What to load when the checkpoint has no tracker (see `visual_prompts`)."""
 
     def __init__(
         self, model, image_size: int, model_id: str, device: torch.device, dtype: torch.dtype,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def checked_part(state: dict[str, torch.Tensor], prefix: str, model, path: Path, what: str,
-                 foreign: list[str] = ()) -> dict[str, torch.Tensor]:
+                 foreign: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """The tensors under `prefix`, checked key by key and shape by shape against `model`.
 
     `foreign` lists keys that belong to no part (reported as unexpected too)."""
@@ -239,8 +240,8 @@ def build_tracker(arch: Architecture):
     memory attention and memory encoder), dimensions from `arch`; on the CPU, in eval mode.
 
     ``Sam3TrackerBase`` holds every tracker weight; Meta's builder wraps it in
-    ``Sam3TrackerPredictor``, which adds no weight but turns on CUDA bf16 autocast for the rest of
-    the thread while it is constructed, so it is not used here.
+    ``Sam3TrackerPredictor``, which adds no weight but, once constructed, leaves CUDA bf16 autocast
+    on for the rest of the thread, so it is not used here.
     """
     from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
     from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
