@@ -426,3 +426,15 @@ def test_form_defaults_are_the_cores(clicks_widget):
     assert widget.segment_options() == SegmentOptions()
     assert widget.tiling.value == "off" and option_info("tile").default is None
     assert widget.mode.value == "new object" and not widget.negative.value
+
+
+def test_clicks_are_mapped_through_world_coordinates_to_the_images_pixels(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=50), scale=(0.5, 0.25), translate=(10, -3))
+    points = widget.points_layer
+    points.scale, points.translate = (1.0, 1.0), (0.0, 0.0)  # clicks layer no longer aligned with the image
+
+    _click(widget, (20, 15))  # world (20, 15) = image pixel y (20 - 10) / 0.5 = 20, x (15 + 3) / 0.25 = 72
+    settle(widget)
+
+    np.testing.assert_array_equal(widget.target.value.data == 1, _core_mask(widget, image.data, [(72, 20)], [1]))
