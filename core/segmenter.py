@@ -378,11 +378,12 @@ class Segmenter:
         Hosts call it before a run of box or click prompts, so the run stops before any work.
         """
         if not self.supports_visual_prompts:
-            raise ModelLoadError(
-                f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head: points, boxes and "
-                "masks need SAM 3's tracker, which the full facebook/sam3 checkpoint holds (a Sam3Model save "
-                "holds the text detector only). Load facebook/sam3, or a directory saved from Sam3VideoModel."
+            fix = getattr(self.backend, "visual_prompts_help", None) or (
+                "Points, boxes and masks need SAM 3's tracker, which the full facebook/sam3 checkpoint holds (a "
+                "Sam3Model save holds the text detector only). Load facebook/sam3, or a directory saved from "
+                "Sam3VideoModel."
             )
+            raise ModelLoadError(f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head. {fix}")
 
     def refine(
         self,

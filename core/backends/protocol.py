@@ -22,8 +22,9 @@ Visual prompts (``Segmenter.segment_object``) are optional too: a backend that a
 ``visual_prompts = True`` and offers ``decode_object(image, points, point_labels, box, mask, multimask)``
 on the same cached embedding (so one trunk run serves text and clicks), returning ``(K, h, w)`` mask
 logits and ``(K,)`` predicted IoUs; points and box in pixels of the model input (`input_size`), the
-mask a float ``(H, W)`` of the image. SAM 3 through transformers does, when its checkpoint holds
-the tracker (see `promptseg.backends.sam3_hf`).
+mask a float ``(H, W)`` of the image; ``visual_prompts_help`` may say what to load when it is False.
+Both SAM 3 backends do when their checkpoint holds the tracker (`promptseg.backends.sam3_hf`,
+`promptseg.backends.meta`).
 """
 
 from __future__ import annotations

@@ -153,6 +153,10 @@ class Sam3Backend:
 
     name = NAME
 
+    @property
+    def visual_prompts_help(self) -> str:
+        return VISUAL_PROMPTS_HELP
+
     def __init__(self, model, tokenizer, image_processor, model_id: str, device, dtype, tracker=None) -> None:
         self.model = model
         self.tracker = tracker
