@@ -76,8 +76,9 @@ def main() -> int:
     labels = widget.target.value
     widget.mode.value = "refine selected label"  # refine object 1: a click on it adds, a red one cuts
     inside = np.argwhere(labels.data == 1)
-    click(widget, app, tuple(inside[len(inside) // 3]))
-    click(widget, app, tuple(inside[2 * len(inside) // 3]), positive=False)
+    nearest = lambda y, x: tuple(inside[np.argmin(np.hypot(*(inside - (y, x)).T))])  # noqa: E731
+    click(widget, app, nearest(230, 230))
+    click(widget, app, nearest(330, 300), positive=False)
     labels.opacity = 0.5
 
     from napari._qt.dialogs.qt_notification import NapariQtNotification

@@ -51,7 +51,8 @@ class ClickRequest:
     model: str
     device: str
     pixels: Any
-    """The slice's pixels, ``(Y, X)`` or ``(Y, X, C)`` (a lazy layer is read in the worker)."""
+    """The slice's pixels, ``(Y, X)``, ``(Y, X, C)`` or ``(C, Y, X)`` (a lazy layer is read in the worker)."""
+    channels_first: bool
     points: np.ndarray | None
     point_labels: np.ndarray | None
     box: np.ndarray | None
@@ -93,6 +94,8 @@ def segment_clicks(request: ClickRequest) -> ClickOutcome:
         pixels = request.pixels
         if not isinstance(pixels, np.ndarray):
             pixels = read_array_like(pixels, name="the slice")
+        if request.channels_first:
+            pixels = np.moveaxis(pixels, 0, -1)  # the channel-last layout segment_object reads
         start = time.perf_counter()
         result = segmenter.segment_object(
             pixels, request.points, request.point_labels, request.box, mask=request.mask,
@@ -299,8 +302,9 @@ class ClicksWidget(Container):
             mask = np.asarray(obj.labels.data[plane]) == obj.object_id
             obj.start[plane] = mask if obj.mode == REFINE and mask.any() else None
         return ClickRequest(
-            generation=self._generation, model=model, device=self.device.value, pixels=plane_pixels(source, plane),
-            points=points, point_labels=point_labels, box=box, mask=obj.start[plane], options=options, plane=plane,
+            generation=self._generation, model=model, device=self.device.value, pixels=source.data[plane],
+            channels_first=source.axes.endswith("CYX"), points=points, point_labels=point_labels, box=box,
+            mask=obj.start[plane], options=options, plane=plane,
         )
 
     def segment_options(self) -> SegmentOptions:
@@ -376,6 +380,9 @@ class ClicksWidget(Container):
                 scale=source.scale, translate=source.translate,
             )
             self.target.value = labels
+            layers = self._viewer.layers
+            if self.box_layer in layers:  # under the clicks and the box, which stay visible on top
+                layers.move(layers.index(labels), layers.index(self.box_layer))
             self._select_clicks()  # keep clicking
         elif tuple(labels.data.shape) != source.labels_shape:
             raise OptionError(
@@ -472,18 +479,10 @@ def paint_object(labels: Any, plane: tuple[int, ...], object_id: int, mask: np.n
     return len(rows)
 
 
-def plane_pixels(source: LayerInput, plane: tuple[int, ...]) -> Any:
-    """The pixels of one slice as `segment_object` reads them: ``(Y, X)`` or channel-last ``(Y, X, C)``."""
-    if not plane:
-        return source.data if source.axes != "CYX" else np.moveaxis(np.asarray(source.data), 0, -1)
-    pixels = source.data[plane[0]]
-    return np.moveaxis(np.asarray(pixels), 0, -1) if source.axes[1:] == "CYX" else pixels
-
-
 def _point_size(image: Any) -> float:
-    """A click marker about a fiftieth of the image's larger side (in its data pixels)."""
+    """A click marker about a thirtieth of the image's larger side (in its data pixels)."""
     low, high = np.asarray(image.extent.data)[:, -2:]
-    return float(max(high - low)) / 50
+    return float(max(high - low)) / 30
 
 
 def _layer_axes(source: LayerInput, image: Any) -> str:

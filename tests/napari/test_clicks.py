@@ -85,6 +85,9 @@ def test_every_update_is_one_undo_step_of_the_labels_layer(clicks_widget, settle
     settle(widget)
     labels = widget.target.value
     assert labels is not None and labels.name == f"{image.name} objects"
+    layers = viewer.layers
+    assert layers.index(labels) < layers.index(widget.box_layer) < layers.index(points), "prompts drawn on top"
+    assert layers.selection.active is points, "still ready to click"
     first = labels.data.copy()
     points.feature_defaults = {"positive": False}
     points.data = np.array([[30.0, 40.0], [40.0, 60.0]])
@@ -438,3 +441,21 @@ def test_clicks_are_mapped_through_world_coordinates_to_the_images_pixels(clicks
     settle(widget)
 
     np.testing.assert_array_equal(widget.target.value.data == 1, _core_mask(widget, image.data, [(72, 20)], [1]))
+
+
+def test_a_multichannel_stack_is_clicked_on_the_chosen_channels_of_the_current_slice(clicks_widget, settle):
+    viewer, widget = clicks_widget
+    data = structured((3, 4, 64, 80), seed=51, dtype=np.uint16, high=3000)  # Z, C, Y, X
+    viewer.add_image(data)
+    widget.axes.value = "ZCYX"
+    widget.channels.value = "0, 2"
+    viewer.dims.set_point(0, 1)
+
+    _click(widget, (1, 0, 30, 40))  # the clicks layer has the image's four dimensions
+    settle(widget)
+
+    labels = widget.target.value
+    assert labels.data.shape == (3, 64, 80)
+    expected = _core_mask(widget, np.moveaxis(data[1], 0, -1), [(40, 30)], [1], channels=(0, 2))
+    np.testing.assert_array_equal(labels.data[1] == 1, expected)
+    assert not labels.data[[0, 2]].any()
