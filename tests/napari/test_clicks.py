@@ -459,3 +459,34 @@ def test_a_multichannel_stack_is_clicked_on_the_chosen_channels_of_the_current_s
     expected = _core_mask(widget, np.moveaxis(data[1], 0, -1), [(40, 30)], [1], channels=(0, 2))
     np.testing.assert_array_equal(labels.data[1] == 1, expected)
     assert not labels.data[[0, 2]].any()
+
+
+def test_a_text_result_is_refined_label_by_label(clicks_widget, settle, qtbot):
+    """The annotator's loop: Segment by text, then clicks correct one of its instances in place."""
+    from promptseg_napari._widget import SegmentWidget
+
+    viewer, widget = clicks_widget
+    image = viewer.add_image(structured((96, 128), seed=52))
+    text = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(text, name="Segment by text")
+    text.model.value, text.device.value, text.threshold.value = widget.model.value, "cpu", 0.0
+    text.prompts.value = "cell, blob"
+    text.run()
+    qtbot.waitUntil(lambda: not text.running, timeout=120_000)
+    result = viewer.layers[f"{image.name} segmentation"]
+    before = result.data.copy()
+    ids = [int(i) for i in np.unique(before) if i]
+    assert len(ids) >= 2, "threshold 0 keeps several of the random model's detections"
+    target = ids[0]
+    y, x = np.argwhere(before == target)[0]
+
+    widget.target.value = result
+    widget.mode.value = "refine selected label"
+    _click(widget, (y, x))
+    settle(widget)
+
+    expected = _core_mask(widget, image.data, [(x, y)], [1], mask=before == target)
+    np.testing.assert_array_equal(result.data == target, expected & ((before == 0) | (before == target)))
+    others = (before != target) & (before != 0)
+    np.testing.assert_array_equal(result.data[others], before[others])
+    assert result.selected_label == target
