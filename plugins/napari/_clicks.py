@@ -27,6 +27,7 @@ from promptseg.errors import OptionError, PromptsegError
 from promptseg.options import SegmentOptions, option_info
 from promptseg.segmenter import default_model
 from promptseg.sessions import shared_segmenter
+from promptseg_napari._gl import keep_triton_out_after_mesa_llvm
 from promptseg_napari._layers import AXES_CHOICES, LayerInput, layer_input, parse_channels
 from promptseg_napari._widget import DEFAULT_TILE_SIZE, TILING, channels_text, tiling_choice
 
@@ -88,6 +89,7 @@ def segment_clicks(request: ClickRequest) -> ClickOutcome:
     """Worker-thread body: load (or reuse) the segmenter and segment the one object."""
     from promptseg.images import read_array_like
 
+    keep_triton_out_after_mesa_llvm()
     try:
         segmenter = shared_segmenter(request.model, device=request.device)
         segmenter.require_visual_prompts()

@@ -37,6 +37,7 @@ from promptseg.errors import CancelledError, PromptsegError
 from promptseg.options import SegmentOptions, option_info
 from promptseg.segmenter import default_model
 from promptseg.sessions import shared_segmenter
+from promptseg_napari._gl import keep_triton_out_after_mesa_llvm
 from promptseg_napari._layers import (
     AXES_CHOICES,
     LayerInput,
@@ -101,6 +102,7 @@ class _ProgressRelay(QObject):
 
 def run_job(job: Job, progress, cancel) -> Outcome:
     """Worker-thread body: load (or reuse) the segmenter and segment the image or stack."""
+    keep_triton_out_after_mesa_llvm()
     try:
         segmenter = shared_segmenter(job.model, device=job.device)
         start = time.perf_counter()
