@@ -450,6 +450,8 @@ class ClicksWidget(Container):
             self._quiet = False
         done = self._object
         self._object = None
+        if self.image.value is not None and self.image.value in self._viewer.layers:
+            self.prompt_layers()  # brings back a clicks or box layer that was deleted
         self.status.value = (f"Label {done.object_id} finished: click for the next object." if done
                              else "Click on the image for a new object.")
 

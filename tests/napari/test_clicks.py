@@ -272,6 +272,10 @@ def test_finish_object_clears_the_prompts_and_the_next_click_is_a_new_label(clic
     assert labels.selected_label == 2 and (labels.data == 2).any()
     np.testing.assert_array_equal(labels.data[first == 1], first[first == 1])
 
+    viewer.layers.remove(widget.box_layer)  # deleted by hand: Finish object brings it back
+    widget.finish_object()
+    assert widget.box_layer in viewer.layers and widget.box_layer.mode == "add_rectangle"
+
 
 def test_shift_click_adds_a_negative_point_and_t_toggles_the_kind(clicks_widget, settle, qtbot):
     from qtpy.QtCore import QPoint, Qt
