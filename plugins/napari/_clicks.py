@@ -243,9 +243,10 @@ class ClicksWidget(Container):
         layer.bind_key("n", lambda _layer: self.finish_object(), overwrite=True)
 
     def _choose_click_kind(self, layer, event) -> None:
-        """Mouse press on the clicks layer: Shift flips the kind of the point this click adds."""
-        negative = bool(self.negative.value) != ("Shift" in event.modifiers)
-        layer.feature_defaults = {"positive": not negative}
+        """Mouse press on the clicks layer in add mode: Shift flips the kind of the point this click adds."""
+        if layer.mode == "add":
+            negative = bool(self.negative.value) != ("Shift" in event.modifiers)
+            layer.feature_defaults = {"positive": not negative}
 
     def _toggle_negative(self) -> None:
         self.negative.value = not self.negative.value
