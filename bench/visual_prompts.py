@@ -37,7 +37,7 @@ def main() -> None:
     height, width = image.shape[:2]
     points = [[x * width, y * height] for x, y, _ in CLICKS]
     labels = [label for _, _, label in CLICKS]
-    seg = promptseg.load_segmenter(str(directory), device="cpu", cache_dir=False)
+    seg = promptseg.load_segmenter(str(directory), device="cpu", dtype="fp32", cache_dir=False)  # as the baseline
     tracker = Sam3TrackerModel.from_pretrained(directory).eval()
     size = tracker.config.image_size
     processor = Sam3TrackerProcessor(image_processor=Sam3ImageProcessor(size={"height": size, "width": size}))
