@@ -547,6 +547,42 @@ class Segmenter:
             max_pixels=self.max_pixels, progress=progress, cancel=cancel,
         )
 
+    def segment_video(
+        self,
+        video: Any,
+        prompts: str | Sequence[str],
+        *,
+        frames: slice | tuple[int | None, int | None] | None = None,
+        stride: int = 1,
+        new_threshold: float | None = None,
+        options: SegmentOptions | None = None,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+        **flat: Any,
+    ) -> Any:
+        """Follow every object each prompt names through a video with SAM 3's video model.
+
+        `video` is a video file (PyAV), a folder of frames (natural order), a TIFF/OME-TIFF time
+        series or a ``(T, H, W[, C])`` array (numpy or lazy); frames are read one at a time.
+        `frames` (a slice or ``(start, stop)``) and `stride` pick which frames are segmented.
+        `threshold`, `mask_threshold`, `percentiles` and `channels` apply (by name or in `options`);
+        `new_threshold` is the score a detection needs to start a new object (None: 0.7 at the default
+        threshold 0.5, the model's ratio at others).
+        Each frame's image embedding goes through this segmenter's cache, so another prompt on the
+        same video runs no image encoder. `progress(total, advance)` counts frames; `cancel()` is
+        checked before each. Returns a `promptseg.video.VideoResult` (stable object ids per frame,
+        ``tracks()``, ``to_label_volume()``, PNG, TIFF and tracking JSON exports).
+        """
+        from promptseg.video import open_frames, segment_frames
+
+        options = _options(options, flat)
+        query = self.query(prompts, options)
+        source = open_frames(video, options.pixels, self.max_pixels)
+        return segment_frames(
+            source, self.backend, self.embed, query.labels, query.phrases, options, frames=frames, stride=stride,
+            new_threshold=_unit_or_none(new_threshold), lock=self._lock, progress=progress, cancel=cancel,
+        )
+
     def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
         """The image embedding of RGB pixels and where it came from (memory, disk or computed)."""
         key, key_parts = self._embedding_key(rgb)
@@ -747,6 +783,15 @@ def _check_load_options(prompt_batch_size: Any, memory_cache_bytes: Any, disk_ca
                 f"{name} must be a whole number of bytes >= 0, got {value!r}"
                 + (" (use cache_dir=False to turn the disk cache off)." if name == "disk_cache_bytes" else ".")
             )
+
+
+def _unit_or_none(value: Any) -> float | None:
+    """A score threshold in [0, 1], or None; else an `OptionError`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise OptionError(f"new_threshold must be a number between 0 and 1 (or None for the model's own), got {value!r}.")
+    return float(value)
 
 
 def _whole(value: Any) -> bool:

@@ -205,8 +205,10 @@ class Sam3Backend:
         model = model.to(device).eval()
         tracker = _load_tracker(directory, model, dtype)
         tracker = tracker.to(device).eval() if tracker is not None else None
-        return cls(model, _load_tokenizer(directory), _load_image_processor(directory, config),
-                   model_id, device, dtype, tracker)
+        backend = cls(model, _load_tokenizer(directory), _load_image_processor(directory, config),
+                      model_id, device, dtype, tracker)
+        backend.directory = directory
+        return backend
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch warns on those
@@ -243,6 +245,28 @@ class Sam3Backend:
         levels[0] = self.tracker.mask_decoder.conv_s0(levels[0])
         levels[1] = self.tracker.mask_decoder.conv_s1(levels[1])
         return {f"tracker_{i}": level for i, level in enumerate(levels)}
+
+    directory: Path | None = None
+    """Where the checkpoint was loaded from: the video model's heads load from it when first needed."""
+    _video_model = None
+
+    @property
+    def video(self) -> bool:
+        """Whether `video_tracker` can follow objects through frames (the checkpoint has the tracker)."""
+        return self.tracker is not None
+
+    def video_tracker(self, phrases: list[str], frame_size: tuple[int, int], threshold: float,
+                      new_threshold: float | None = None):
+        """A fresh streaming tracker for one video on SAM 3's video model, built on this backend's
+        modules the first time (see `promptseg.backends.sam3_hf_video`); fed cached embeddings."""
+        from promptseg.backends.sam3_hf_video import VIDEO_HELP, VideoTracker, load_video_model
+
+        if self.tracker is None or self.directory is None:
+            raise ModelLoadError(VIDEO_HELP)
+        if self._video_model is None:
+            self._video_model = load_video_model(self, self.directory)
+        return VideoTracker(self._video_model, self.tokenizer, phrases, frame_size, threshold, self.device, self.dtype,
+                            new_threshold)
 
     def embedding_spec(self, image_size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What `encode_image` returns whatever the image size (every image is resized to `input_size`)."""
@@ -340,6 +364,10 @@ class Sam3Backend:
             exemplars = {"boxes": cxcywh[None].expand(batch, -1, -1), "box_labels": labels[None].expand(batch, -1)}
         with torch.inference_mode():
             return detect(self.model, levels, positions, features, mask, threshold, **exemplars)
+
+    def position_encoding(self, level: torch.Tensor) -> torch.Tensor:
+        """The detector's positional encoding of one FPN level (it depends on the level's size only)."""
+        return self._position(level)
 
     def _position(self, level: torch.Tensor) -> torch.Tensor:
         key = (tuple(level.shape[1:]), level.device, level.dtype)

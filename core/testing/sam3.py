@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def sam3_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20):
-    """A ``Sam3Config`` for the real architecture (``"full"``) or a tiny one."""
+def sam3_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20, hidden: int = 32):
+    """A ``Sam3Config`` for the real architecture (``"full"``) or a tiny one (`hidden` channels wide)."""
     from transformers import Sam3Config
 
     if size == "full":
@@ -22,7 +22,7 @@ def sam3_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20
     return Sam3Config(
         vision_config=dict(
             model_type="sam3_vision_model",
-            fpn_hidden_size=32,
+            fpn_hidden_size=hidden,
             backbone_feature_sizes=[[patches * 4] * 2, [patches * 2] * 2, [patches] * 2],
             backbone_config=dict(
                 model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
@@ -32,14 +32,14 @@ def sam3_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20
         ),
         text_config=dict(
             model_type="clip_text_model", vocab_size=49408, hidden_size=32, intermediate_size=64,
-            projection_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+            projection_dim=hidden, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
         ),
-        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
-        detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        geometry_encoder_config=dict(hidden_size=hidden, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=dict(hidden_size=hidden, num_layers=1, num_attention_heads=2, intermediate_size=64),
         detr_decoder_config=dict(
-            hidden_size=32, num_layers=1, num_queries=num_queries, num_attention_heads=2, intermediate_size=64
+            hidden_size=hidden, num_layers=1, num_queries=num_queries, num_attention_heads=2, intermediate_size=64
         ),
-        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+        mask_decoder_config=dict(hidden_size=hidden, num_attention_heads=2),
     )
 
 
@@ -58,14 +58,19 @@ def make_random_sam3(directory: str | Path, size: str = "tiny", seed: int = 0, *
     return directory
 
 
-def sam3_video_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20):
+def sam3_video_config(size: str = "tiny", image_size: int = 112, num_queries: int = 20, hidden: int = 32):
     """A ``Sam3VideoConfig`` like the hub's ``facebook/sam3``: the detector of `sam3_config` and a
-    tracker sharing its vision trunk (``"full"``: the released sizes)."""
+    tracker sharing its vision trunk (``"full"``: the released sizes).
+
+    The tiny one is `hidden` channels wide. Tracking through video frames needs ``hidden=128`` (then
+    memories are 64 channels): transformers' video memory attention reads 64-channel memories whatever
+    the config says, and runs only when object pointers are wider than memories (it splits each
+    pointer into memory-sized pieces), as in the released model. 32 is enough for still images."""
     from transformers import Sam3TrackerVideoConfig, Sam3VideoConfig
 
     if size == "full":
         return Sam3VideoConfig()
-    detector = sam3_config(size, image_size=image_size, num_queries=num_queries)
+    detector = sam3_config(size, image_size=image_size, num_queries=num_queries, hidden=hidden)
     hidden = detector.vision_config.fpn_hidden_size
     tracker = Sam3TrackerVideoConfig(
         vision_config=detector.vision_config.to_dict(), image_size=image_size,
@@ -73,7 +78,7 @@ def sam3_video_config(size: str = "tiny", image_size: int = 112, num_queries: in
         mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
         memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=64, memory_encoder_hidden_size=hidden,
-        memory_encoder_output_channels=16, mask_downsampler_embed_dim=hidden, memory_fuser_num_layers=1,
+        memory_encoder_output_channels=64 if hidden > 64 else hidden // 2, mask_downsampler_embed_dim=hidden, memory_fuser_num_layers=1,
         memory_fuser_embed_dim=hidden, memory_fuser_intermediate_dim=64,
     )
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(), low_res_mask_size=64)
@@ -86,7 +91,8 @@ def make_random_sam3_video(directory: str | Path, size: str = "tiny", seed: int 
     ``Sam3VideoModel.save_pretrained`` writes the tracker's keys as ``tracker_model.tracker_model.*``;
     they are renamed to the hub's ``tracker_model.*`` so loaders see what users download. The tracker's
     zero-initialised tensors (biases, the no-memory embedding) get small random values, so a test
-    comparing two pipelines notices one that forgets any of them.
+    comparing two pipelines notices one that forgets any of them. ``hidden=128`` makes one that
+    tracks objects through video frames (see `sam3_video_config`).
     """
     import torch
     from safetensors.torch import load_file, save_file
