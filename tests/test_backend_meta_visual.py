@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sam3  # noqa: F401  (the meta extra; CI installs it)
-from test_visual_prompts import assert_same_as_reference
+from test_visual_prompts import PROMPT_CASES, PROMPT_IDS, assert_same_as_reference
 
 import promptseg
 from promptseg.errors import ModelLoadError
@@ -175,16 +175,7 @@ def test_detector_only_checkpoint_has_no_visual_prompts(detector_only_checkpoint
 
 # -- parity with Meta's interactive predictor ---------------------------------------------------
 
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        dict(points=[[60.0, 50.0]], labels=[1]),
-        dict(points=[[60.0, 50.0], [150.0, 80.0], [30.0, 100.0]], labels=[1, 0, 1]),
-        dict(box=[40.0, 30.0, 110.0, 80.0]),
-        dict(points=[[150.0, 80.0]], labels=[1], box=[130.0, 60.0, 180.0, 100.0]),
-    ],
-    ids=["one-point", "three-points", "box", "point-and-box"],
-)
+@pytest.mark.parametrize("prompt", PROMPT_CASES, ids=PROMPT_IDS)
 @pytest.mark.parametrize("multimask", [True, False])
 def test_masks_equal_metas_interactive_predictor(meta_segmenter, meta_reference, rgb_image, prompt, multimask):
     result = meta_segmenter.segment_object(

@@ -113,16 +113,17 @@ def assert_same_as_reference(result, logits, ious):
         assert_mask_agrees(got.full_mask(height, width), logits[index].numpy() > 0, probs)
 
 
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        dict(points=[[60.0, 50.0]], labels=[1]),
-        dict(points=[[60.0, 50.0], [150.0, 80.0], [30.0, 100.0]], labels=[1, 0, 1]),
-        dict(box=[40.0, 30.0, 110.0, 80.0]),
-        dict(points=[[150.0, 80.0]], labels=[1], box=[130.0, 60.0, 180.0, 100.0]),
-    ],
-    ids=["one-point", "three-points", "box", "point-and-box"],
-)
+PROMPT_CASES = [
+    dict(points=[[60.0, 50.0]], labels=[1]),
+    dict(points=[[60.0, 50.0], [150.0, 80.0], [30.0, 100.0]], labels=[1, 0, 1]),
+    dict(box=[40.0, 30.0, 110.0, 80.0]),
+    dict(points=[[150.0, 80.0]], labels=[1], box=[130.0, 60.0, 180.0, 100.0]),
+]
+"""Visual prompts on the 200x120 test image that every parity test runs (both backends)."""
+PROMPT_IDS = ["one-point", "three-points", "box", "point-and-box"]
+
+
+@pytest.mark.parametrize("prompt", PROMPT_CASES, ids=PROMPT_IDS)
 @pytest.mark.parametrize("multimask", [True, False])
 def test_masks_equal_the_transformers_tracker_pipeline(tiny_sam3_hub_dir, hub_segmenter, rgb_image, prompt, multimask):
     result = hub_segmenter.segment_object(

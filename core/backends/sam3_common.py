@@ -23,6 +23,18 @@ def sam3_embedding_spec(
     return {f"fpn_{i}": ((1, channels, int(rows * s), int(cols * s)), dtype) for i, s in enumerate(scales)}
 
 
+def sam3_tracker_spec(
+    input_size: tuple[int, int], patch_size: int, channels: tuple[int, int, int], dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tracker's cached levels ``tracker_0..2`` at 4x, 2x and 1x the ViT's patch grid, with the
+    `channels` of the mask decoder's two projections and the neck (both SAM 3 backends cache them)."""
+    rows, cols = (side // patch_size for side in input_size)
+    return {
+        f"tracker_{i}": ((1, width, rows * scale, cols * scale), dtype)
+        for i, (scale, width) in enumerate(zip((4, 2, 1), channels))
+    }
+
+
 def exemplar_inputs(boxes: torch.Tensor, labels: torch.Tensor | None, device, dtype):
     """Normalised xyxy exemplar boxes -> SAM 3's normalised cxcywh, with labels (1 positive, 0 negative)."""
     import torch

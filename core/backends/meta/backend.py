@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from promptseg.backends.protocol import Detections, Tensors
-from promptseg.backends.sam3_common import exemplar_inputs, sam3_embedding_spec, split_detections
+from promptseg.backends.sam3_common import exemplar_inputs, sam3_embedding_spec, sam3_tracker_spec, split_detections
 from promptseg.backends.meta.device import DeviceRedirect
 from promptseg.errors import ModelLoadError
 
@@ -101,9 +101,7 @@ class Sam3MetaBackend:
         if self.tracker is not None:
             decoder = self.tracker.sam_mask_decoder
             channels = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels, self.d_model)
-            rows, cols = (side // self.patch_size for side in self.input_size)
-            for i, (scale, width) in enumerate(zip((4, 2, 1), channels)):
-                spec[f"tracker_{i}"] = ((1, width, rows * scale, cols * scale), self.dtype)
+            spec.update(sam3_tracker_spec(self.input_size, self.patch_size, channels, self.dtype))
         return spec
 
     @torch.inference_mode()
