@@ -281,3 +281,49 @@ def test_bad_video_inputs(video_segmenter, tmp_path, video, call, error, match):
         video = clip(3)
     with pytest.raises(error, match=match):
         video_segmenter.segment_video(video, "cat", **call)
+
+
+class LazyVideo:
+    """A (T, H, W, 3) video made frame by frame on request, as a lazy array (dask, zarr) hands them out."""
+
+    def __init__(self, count: int, height: int = 480, width: int = 640) -> None:
+        self.shape = (count, height, width, 3)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        height, width = self.shape[1:3]
+        frame = np.full((height, width, 3), 40, np.uint8)
+        frame[disk((height // 3, width // 6 + 2 * (t % 100)), height // 8, shape=(height, width))] = (220, 60, 60)
+        return frame
+
+
+def test_memory_does_not_grow_with_the_number_of_frames(tiny_sam3_video_dir):
+    """300 streamed 640x480 frames: resident memory after frame 300 within 8 MiB of its value after frame
+    60 (keeping the frames would add 0.9 MiB each, 216 MiB in all; measured here: about 14 KiB per frame,
+    the compact per-frame results and the session's per-frame bookkeeping). The embedding cache is capped
+    at 8 MiB, as its `memory_cache_bytes` caps it for any video; no detection passes the threshold, so
+    the tracker holds no object (its own per-object state is checked in the next test)."""
+    import psutil
+
+    seg = promptseg.load_segmenter(str(tiny_sam3_video_dir), device="cpu", cache_dir=False,
+                                   memory_cache_bytes=8 * 2**20)
+    process, resident = psutil.Process(), []
+
+    def progress(total, advance):
+        if advance:
+            resident.append(process.memory_info().rss)
+
+    result = seg.segment_video(LazyVideo(300), "cat", threshold=0.99, progress=progress)
+    assert len(result) == 300 and seg.stats.image_encoder_runs == 300
+    growth = resident[299] - resident[59]
+    assert growth < 8 * 2**20, f"{growth / 240 / 1024:.1f} KiB per frame"
+
+
+def test_tracker_keeps_only_the_frames_it_reads(video_segmenter):
+    """Each tracked object's per-frame outputs stay within the tracker's memory window (16 frames)."""
+    frames = clip(30)
+    tracker = video_segmenter.backend.video_tracker(["cat"], frames.shape[1:3], 0.2545, 0.2545)
+    for frame in frames:
+        tracker.step(video_segmenter.embed(frame)[0])
+    kept = [len(out["non_cond_frame_outputs"]) for out in tracker.session.output_dict_per_obj.values()]
+    assert kept and max(kept) <= tracker.memory_frames + 1 and tracker.memory_frames == 16
+    assert min(frame for out in tracker.session.output_dict_per_obj.values() for frame in out["non_cond_frame_outputs"]) >= 29 - 17

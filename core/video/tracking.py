@@ -112,9 +112,11 @@ def frame_instances(tracked, frame_size, labels, phrases, mask_threshold: float,
         return []
     height, width = frame_size
     cut = math.log(mask_threshold / (1 - mask_threshold))
-    masks = torch.nn.functional.interpolate(
-        tracked.mask_logits[:, None], size=(height, width), mode="bilinear", align_corners=False
-    )[:, 0] > cut
+    masks = torch.stack([  # one object at a time: a frame-sized float map each, not one per object at once
+        torch.nn.functional.interpolate(logits[None, None], size=(height, width), mode="bilinear",
+                                        align_corners=False)[0, 0] > cut
+        for logits in tracked.mask_logits
+    ])
     keep = [i for i, obj in enumerate(tracked.object_ids) if obj not in tracked.hidden and bool(masks[i].any())]
     masks = _one_object_per_pixel(masks[keep], [tracked.tracker_scores[i] for i in keep],
                                   [tracked.prompt_ids[i] for i in keep])
