@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment images with text prompts (or one object by --point/--box)",
                          description="Segment every instance of each prompt in each image.",
                          epilog=f"{OUTPUT_NAMES} {EXIT_CODES}")
-    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, tif, ...)")
+    seg.add_argument("images", nargs="+", metavar="IMAGE",
+                     help="image files (png, jpg, tif, ...), or videos (mp4, mov, ...; folders and TIFFs with --video)")
     seg.add_argument("-p", "--prompt", dest="prompts", action="append", default=None,
                      metavar="PROMPT", help="a noun phrase, e.g. 'red car'; repeat for several")
     seg.add_argument("--point", dest="points", action="append", type=point_argument, default=None,
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--axes", default=None, help="with --stack: axis layout such as ZYX, TCYX (default: from the file)")
     seg.add_argument("--link", type=float, nargs="?", const=0.3, default=None, metavar="IOU",
                      help="with --stack: give an object one id through the slices (mask IoU, default 0.3)")
+    seg.add_argument("--video", action="store_true",
+                     help="treat folders of frames and TIFF time series as videos too (video files such as "
+                     ".mp4, .mov, .avi, .mkv are videos by their suffix): SAM 3's video model keeps each "
+                     "object's id through the frames; writes STEM/frame_NNNNNN.png, STEM.labels.tif and "
+                     "STEM.tracks.json")
+    seg.add_argument("--stride", type=int, default=None, metavar="N",
+                     help="videos: segment every N-th frame (default: every frame)")
+    seg.add_argument("--frames", type=frames_argument, default=None, metavar="A:B",
+                     help="videos: segment frames A to B-1 only (either end may be left out, e.g. 10: or :50)")
     add_model_options(seg)
     add_segment_options(seg)
     seg.set_defaults(func=run_segment)
@@ -211,6 +221,17 @@ def box_argument(text: str) -> tuple[float, float, float, float]:
     return numbers
 
 
+def frames_argument(text: str) -> tuple[int | None, int | None]:
+    """``A:B`` -> ``(A, B)``, either end optional (``10:``, ``:50``)."""
+    start, colon, stop = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return (int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--frames takes A:B (whole numbers, e.g. 10:50 or 10:), got {text!r}") from None
+
+
 def visual_prompts(args: argparse.Namespace) -> dict | None:
     """The `segment_object` prompts of a command line (checked), or None for a text-prompt run."""
     if not args.points and args.box is None:
@@ -329,6 +350,8 @@ def run_segment(args: argparse.Namespace) -> int:
     if visual is None:
         ensure_prompt_list(args.prompts)
     options = segment_options(args)  # a bad option fails before the model loads
+    if is_video_run(args):
+        return run_video(args, options)
     images, repeated = distinct_files(args.images)
     stems = output_stems(images, args.out)
     kind = "stack" if args.stack else args.format
@@ -364,6 +387,67 @@ def run_segment(args: argparse.Namespace) -> int:
     print(f"Wrote results for {len(images) - len(failed)} image(s) to {args.out}")
     if failed:
         print(f"{len(failed)} image(s) skipped: {', '.join(map(str, failed))}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def is_video_run(args: argparse.Namespace) -> bool:
+    """Whether the inputs are videos (by suffix, or every input with --video); refuses a mix with images
+    and video-only flags without a video."""
+    from promptseg.video import is_video_path
+
+    videos = [path for path in args.images if args.video or is_video_path(path)]
+    if videos and len(videos) != len(args.images):
+        raise OptionError(
+            f"{videos[0]} is a video but {next(p for p in args.images if p not in videos)} is not: segment videos "
+            "and images in separate runs (or pass --video to read folders and TIFFs as videos)."
+        )
+    if not videos and (args.stride is not None or args.frames is not None):
+        raise OptionError("--stride and --frames apply to videos: give a video file (.mp4, .mov, ...), or pass "
+                          "--video to read a folder of frames or a TIFF time series as one.")
+    return bool(videos)
+
+
+def run_video(args: argparse.Namespace, options) -> int:
+    """Segment each video with SAM 3's video model; write per-frame label PNGs, a label TIFF and the
+    tracking JSON (see docs/video.md)."""
+    from tqdm import tqdm
+
+    from promptseg.errors import ImageError
+
+    if visual_prompts(args) is not None:
+        raise OptionError("--point and --box segment one object in an image; for a video give text prompts with -p.")
+    videos, _ = distinct_files(args.images)
+    stems = output_stems(videos, args.out)
+    prepare_out_dir(args.out)
+    segmenter = load_from_args(args)
+    failed = []
+    for path in videos:
+        bar = tqdm(desc=Path(path).name, unit="frame", disable=None, leave=False)
+
+        def progress(total: int, advance: int) -> None:
+            bar.total = total
+            bar.update(advance)
+
+        try:
+            result = segmenter.segment_video(path, args.prompts, frames=args.frames, stride=1 if args.stride is None else args.stride,
+                                             options=options, progress=progress)
+        except ImageError as exc:
+            failed.append(path)
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            continue
+        finally:
+            bar.close()
+        stem = stems[path]
+        with output_errors(path, args.out):
+            result.save_label_pngs(stem)
+            result.save_label_tiff(f"{stem}.labels.tif")
+            result.save_tracking_json(f"{stem}.tracks.json")
+        print(f"{path}: {len(result)} frame(s), {len(result.tracks())} object(s) [embeddings "
+              f"{result.info['embedding_source']}]", file=sys.stderr)
+    print(f"Wrote results for {len(videos) - len(failed)} video(s) to {args.out}")
+    if failed:
+        print(f"{len(failed)} video(s) skipped: {', '.join(map(str, failed))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
 
