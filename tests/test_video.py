@@ -156,7 +156,7 @@ def test_video_model_shares_the_loaded_trunk_and_neck(video_segmenter):
 
 
 def test_detector_only_checkpoint_names_the_full_checkpoint(make_segmenter):
-    with pytest.raises(ModelLoadError, match="facebook/sam3"):
+    with pytest.raises(ModelLoadError, match="holds the text detector only.*Load the full facebook/sam3"):
         make_segmenter().segment_video(clip(2), "cat")
 
 

@@ -255,6 +255,13 @@ class Sam3Backend:
         """Whether `video_tracker` can follow objects through frames (the checkpoint has the tracker)."""
         return self.tracker is not None
 
+    @property
+    def video_help(self) -> str:
+        """What to load when `video` is False."""
+        from promptseg.backends.sam3_hf_video import VIDEO_HELP
+
+        return VIDEO_HELP
+
     def video_tracker(self, phrases: list[str], frame_size: tuple[int, int], threshold: float,
                       new_threshold: float | None = None):
         """A fresh streaming tracker for one video on SAM 3's video model, built on this backend's
