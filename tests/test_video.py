@@ -195,6 +195,9 @@ def test_video_file_folder_array_and_tiff_give_one_result(video_segmenter, tmp_p
     same_result(video_segmenter.segment_video(folder, "cat", **THRESHOLDS), from_array)
     tifffile.imwrite(tmp_path / "series.tif", frames, metadata={"axes": "TYXS"})
     same_result(video_segmenter.segment_video(tmp_path / "series.tif", "cat", **THRESHOLDS), from_array)
+    planes = np.ascontiguousarray(np.moveaxis(frames, -1, 1))  # one page per channel: T, C, Y, X
+    tifffile.imwrite(tmp_path / "planes.ome.tif", planes, metadata={"axes": "TCYX"})
+    same_result(video_segmenter.segment_video(tmp_path / "planes.ome.tif", "cat", **THRESHOLDS), from_array)
     lossless = write_mp4(tmp_path / "clip.mkv", frames)  # FFV1 in RGB: decoded frames equal the array
     same_result(video_segmenter.segment_video(lossless, "cat", **THRESHOLDS), from_array)
     lossy = video_segmenter.segment_video(write_mp4(tmp_path / "clip.mp4", frames), "cat", **THRESHOLDS)

@@ -175,13 +175,19 @@ def _video_file(path: Path, pixels, max_pixels) -> FrameSource:
     def read(indices: range):
         wanted = iter(indices)
         target = next(wanted, None)
-        with av.open(str(path)) as container:
-            for number, frame in enumerate(container.decode(video=0)):
-                if target is None:
-                    return
-                if number == target:
-                    yield number, frame.to_ndarray(format="rgb24")
-                    target = next(wanted, None)
+        try:
+            with av.open(str(path)) as container:
+                for number, frame in enumerate(container.decode(video=0)):
+                    if target is None:
+                        return
+                    if number == target:
+                        yield number, frame.to_ndarray(format="rgb24")
+                        target = next(wanted, None)
+        except av.error.FFmpegError as exc:
+            raise ImageError(
+                f"The video {path} cannot be decoded past frame {target}: {exc}. The file may be truncated; "
+                "segment the frames before it with frames=(0, N), or re-encode the video."
+            ) from exc
 
     return FrameSource(str(path), length, read, pixels, max_pixels)
 
