@@ -1,8 +1,8 @@
 """Map napari image layers to core inputs, and core results back to Labels data.
 
 No segmentation here: this module decides which axes of a layer are slices, channels and pixels,
-and turns a `SegmentationResult` / `StackResult` into an instance-id array plus a features table
-(one row per id) that napari shows in the status bar.
+and turns a `SegmentationResult` / `StackResult` / `VideoResult` into an instance-id array plus a
+features table (one row per id) that napari shows in the status bar.
 """
 
 from __future__ import annotations
@@ -45,6 +45,30 @@ class LayerInput:
         if self.axes == "CYX":
             array = np.moveaxis(array, 0, -1)
         return array
+
+    def frames(self) -> Any:
+        """The slices as a ``(T, H, W[, C])`` video, the layout `segment_video` reads (Z slices are
+        frames too). ``ZYX``, ``TYXC``... are already in that order; a ``ZCYX``/``TCYX`` layer is seen
+        channel-last one slice at a time, so a lazy layer is still read slice by slice."""
+        return ChannelsLast(self.data) if self.axes[1:2] == "C" else self.data
+
+
+class ChannelsLast:
+    """A ``(T, C, H, W)`` array seen as ``(T, H, W, C)``; indexing one slice reads only that slice."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        slices, channels, height, width = self.data.shape
+        return (slices, height, width, channels)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.moveaxis(np.asarray(self.data[index]), 0, -1)
 
 
 def guess_axes(layer: Any) -> str:
@@ -144,8 +168,36 @@ def labels_from_stack(stack: Any) -> tuple[np.ndarray, dict[str, list]]:
     return volume, {name: [row[name] for row in rows.values()] for name in columns}
 
 
+def labels_from_video(video: Any) -> tuple[np.ndarray, dict[str, list]]:
+    """The tracked ids through the frames (``object_id + 1``) and one features row per track."""
+    volume = video.to_label_volume(np.int32)
+    tracks = video.tracks()
+    features = {
+        "index": [track.object_id + 1 for track in tracks],
+        "label": [track.label for track in tracks],
+        "score": [round(track.best_score, 4) for track in tracks],
+        "first_frame": [track.first_frame for track in tracks],
+        "last_frame": [track.last_frame for track in tracks],
+        "frames": [track.num_frames for track in tracks],
+    }
+    return volume, features
+
+
+def parse_score(text: str, name: str) -> float | None:
+    """``"0.4"`` -> 0.4; blank -> None (the core's default). The core checks the range."""
+    if not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise OptionError(f"{name} must be a score between 0 and 1 such as '0.4', or blank for the model's own; "
+                          f"got {text!r}.") from exc
+
+
 def embedding_source(result: Any) -> str:
-    """``memory``/``disk``/``computed``/``mixed`` for an image, or over every slice of a stack."""
+    """``memory``/``disk``/``computed``/``mixed`` for an image, or over every slice of a stack or video."""
+    if hasattr(result, "frame_indices"):  # a VideoResult sums its frames up in info
+        return result.info.get("embedding_source", "")
     slices = getattr(result, "slices", None)
     if slices is None:
         return result.embedding_source

@@ -7,6 +7,10 @@ core's ``progress(total, advance)``: the total sets the bar's maximum, each adva
 Cancel sets an event the core checks before each tile or slice. The segmenter comes from
 `promptseg.sessions.shared_segmenter` and is kept, so a second prompt on the same image skips the
 image encoder.
+
+A z-stack or time series is segmented in one of three stack modes: each slice on its own, slices
+linked by mask overlap (`segment_stack`), or tracked with SAM 3's video model (`segment_video`),
+which follows each object through the slices; its progress and Cancel count frames.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ from promptseg_napari._layers import (
     embedding_source,
     labels_from_result,
     labels_from_stack,
+    labels_from_video,
     layer_input,
     parse_channels,
     parse_prompts,
+    parse_score,
     summary,
 )
 
@@ -57,6 +63,13 @@ TILING = ("off", "auto", "on")
 WIDGET_OPTIONS = ("threshold", "smooth", "min_area", "tile", "channels")
 """The `SegmentOptions` the widget shows; their defaults, limits and help come from the core, and
 every other option keeps the core's default."""
+SEPARATE, LINK, TRACK = "separate slices", "link by overlap", "track (video model)"
+STACK_MODES = (SEPARATE, LINK, TRACK)
+"""How a z-stack or time series is segmented: slice by slice, slices linked by mask overlap, or
+objects tracked through the slices by SAM 3's video model."""
+TRACK_IGNORES = ("smooth", "min_area", "tiling", "tile_size")
+"""Form fields the video model does not use (it keeps and de-duplicates objects itself): disabled
+in track mode, and not passed to `segment_video`, which refuses them."""
 DEFAULT_TILE_SIZE = 1008  # what 'on' starts from: SAM 3's input size
 SOURCE_TEXT = {
     "computed": "computed (first time on this image)",
@@ -75,8 +88,10 @@ class Job:
     model: str
     device: str
     options: SegmentOptions
-    link: bool
+    mode: str
     keep: bool
+    new_threshold: float | None = None
+    """Track mode: the score a detection needs to start a new object (None: the model's own)."""
 
 
 @dataclass
@@ -107,10 +122,17 @@ def run_job(job: Job, progress, cancel) -> Outcome:
         segmenter = shared_segmenter(job.model, device=job.device)
         start = time.perf_counter()
         skipped = {}
-        if job.source.is_stack:
+        if job.source.is_stack and job.mode == TRACK:
+            # frames are read one at a time, so a lazy (dask, zarr) layer stays lazy
+            result = segmenter.segment_video(
+                job.source.frames(), job.prompts, new_threshold=job.new_threshold, options=job.options,
+                progress=progress, cancel=cancel,
+            )
+            labels, features = labels_from_video(result)
+        elif job.source.is_stack:
             # a lazy (dask, zarr) layer is passed as it is: read one slice at a time
             result = segmenter.segment_stack(
-                job.source.data, job.prompts, axes=job.source.axes, link=job.link,
+                job.source.data, job.prompts, axes=job.source.axes, link=job.mode == LINK,
                 options=job.options, progress=progress, cancel=cancel,
             )
             labels, features = labels_from_stack(result)
@@ -158,8 +180,14 @@ class SegmentWidget(Container):
         self.tile_size = SpinBox(label="tile size (px)", min=tile.minimum, max=16384, step=16,
                                  value=tile.default if isinstance(tile.default, int) else DEFAULT_TILE_SIZE,
                                  enabled=self.tiling.value == "on")
-        self.link = CheckBox(text="link slices into 3D objects", value=True,
-                             tooltip="In a z-stack or time series, give an object one id through the slices.")
+        self.stack_mode = ComboBox(
+            label="stack mode", choices=STACK_MODES, value=LINK,
+            tooltip="Z-stacks and time series: segment each slice on its own; link each slice's objects to the "
+                    "previous slice's by mask overlap; or track objects through the slices with SAM 3's video model.")
+        self.new_threshold = LineEdit(
+            label="new object score", value="", enabled=False,
+            tooltip="Track mode: the score a detection needs to start a new object (0 to 1). "
+                    "Blank: the model's own (0.7 at threshold 0.5).")
         self.model = LineEdit(label="model", value=default_model(),
                               tooltip="Hub id or local directory of a SAM 3 model (default: PROMPTSEG_MODEL).")
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
@@ -171,10 +199,11 @@ class SegmentWidget(Container):
         self.status = Label(label="", value="Choose an image layer, type prompts, press Run.")
         super().__init__(widgets=[
             self.image, self.axes, self.channels, self.prompts, self.threshold, self.smooth,
-            self.min_area, self.tiling, self.tile_size, self.link, self.model, self.device,
+            self.min_area, self.tiling, self.tile_size, self.stack_mode, self.new_threshold, self.model, self.device,
             self.keep, self.run_button, self.cancel_button, self.progress, self.status,
         ])
-        self.tiling.changed.connect(lambda value: setattr(self.tile_size, "enabled", value == "on"))
+        self.tiling.changed.connect(self._enable_fields)
+        self.stack_mode.changed.connect(self._enable_fields)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.prompts.native.returnPressed.connect(self.run)
@@ -214,6 +243,14 @@ class SegmentWidget(Container):
         if isinstance(layer, Image):
             self.image.value = layer
 
+    def _enable_fields(self, *_args) -> None:
+        """Track mode greys out the fields the video model does not use and offers its own."""
+        track = self.stack_mode.value == TRACK
+        for name in TRACK_IGNORES:
+            getattr(self, name).enabled = not track
+        self.tile_size.enabled = not track and self.tiling.value == "on"
+        self.new_threshold.enabled = track
+
     # ---- running -------------------------------------------------------------------------
 
     @property
@@ -234,11 +271,23 @@ class SegmentWidget(Container):
         model = self.model.value.strip()
         if not model:
             raise OptionError("The model is empty: give a hub id such as facebook/sam3 or a local model directory.")
+        mode = self.stack_mode.value
+        if mode == TRACK and not source.is_stack:
+            raise OptionError(
+                f"Layer {layer.name!r} ({source.axes}) has no slices to track through: track mode needs a z-stack or "
+                "time series. Choose another stack mode for a 2D image, or set 'axes' if the layer is a stack."
+            )
+        new_threshold = parse_score(self.new_threshold.value, "new object score") if mode == TRACK else None
         return Job(image=layer, source=source, prompts=prompts, model=model, device=self.device.value,
-                   options=self.segment_options(), link=bool(self.link.value), keep=bool(self.keep.value))
+                   options=self.segment_options(), mode=mode, keep=bool(self.keep.value), new_threshold=new_threshold)
 
     def segment_options(self) -> SegmentOptions:
-        """The `SegmentOptions` the form's fields say (`WIDGET_OPTIONS`; the rest are the core's defaults)."""
+        """The `SegmentOptions` the form's fields say (`WIDGET_OPTIONS`; the rest are the core's defaults).
+
+        Track mode passes only the options the video model uses (threshold, channels)."""
+        if self.stack_mode.value == TRACK:
+            return SegmentOptions.from_flat(threshold=float(self.threshold.value),
+                                            channels=parse_channels(self.channels.value))
         tile = {"off": None, "auto": "auto", "on": int(self.tile_size.value)}[self.tiling.value]
         return SegmentOptions.from_flat(
             threshold=float(self.threshold.value), smooth=int(self.smooth.value), min_area=int(self.min_area.value),
@@ -336,6 +385,8 @@ class SegmentWidget(Container):
             "source_layer": job.image.name, "prompts": job.prompts, "axes": job.source.axes,
             "embedding": outcome.source, "seconds": round(outcome.seconds, 3), **outcome.model,
         }}
+        if job.source.is_stack:
+            metadata["promptseg"]["stack_mode"] = job.mode
         previous = self._outputs.get(id(job.image))
         target = None
         if previous is not None and previous[0]() is job.image and not job.keep:

@@ -81,3 +81,34 @@ def settle(qtbot):
         return widget.last_outcome
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3_video_napari_dir(tmp_path_factory):
+    """The hub-layout tiny SAM 3 (detector and tracker) 128 channels wide: the width transformers'
+    video memory attention runs at, so the video model can track with it."""
+    from promptseg.testing import make_random_sam3_video
+
+    return make_random_sam3_video(tmp_path_factory.mktemp("models") / "tiny-sam3-video", hidden=128)
+
+
+@pytest.fixture
+def track_widget(make_napari_viewer, tiny_sam3_video_napari_dir):
+    """``(viewer, widget)``: *Segment by text* in track mode on the video-capable tiny SAM 3, on the CPU,
+    with the scores that let the random model's few best detections start and keep tracks."""
+    from promptseg_napari._widget import TRACK, SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment by text")
+    widget.model.value = str(tiny_sam3_video_napari_dir)
+    widget.device.value = "cpu"
+    widget.stack_mode.value = TRACK
+    widget.threshold.value = 0.2545  # the random model scores every query near 0.25
+    widget.new_threshold.value = "0.2545"
+    yield viewer, widget
+    if widget.running:
+        widget.cancel()
+        from napari.qt.threading import WorkerBase
+
+        WorkerBase.await_workers(10_000)
