@@ -45,6 +45,7 @@ from promptseg_napari._gl import keep_triton_out_after_mesa_llvm
 from promptseg_napari._layers import (
     AXES_CHOICES,
     LayerInput,
+    check_trackable,
     embedding_source,
     labels_from_result,
     labels_from_stack,
@@ -272,11 +273,8 @@ class SegmentWidget(Container):
         if not model:
             raise OptionError("The model is empty: give a hub id such as facebook/sam3 or a local model directory.")
         mode = self.stack_mode.value
-        if mode == TRACK and not source.is_stack:
-            raise OptionError(
-                f"Layer {layer.name!r} ({source.axes}) has no slices to track through: track mode needs a z-stack or "
-                "time series. Choose another stack mode for a 2D image, or set 'axes' if the layer is a stack."
-            )
+        if mode == TRACK:
+            check_trackable(source, layer.name)
         new_threshold = parse_score(self.new_threshold.value, "new object score") if mode == TRACK else None
         return Job(image=layer, source=source, prompts=prompts, model=model, device=self.device.value,
                    options=self.segment_options(), mode=mode, keep=bool(self.keep.value), new_threshold=new_threshold)

@@ -97,11 +97,14 @@ def test_track_mode_greys_out_and_leaves_out_the_clean_up_and_tiling_fields(trac
     assert not widget.new_threshold.enabled
 
 
-def test_track_mode_reads_a_channel_first_stack_one_slice_at_a_time(track_widget, run_widget):
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+def test_track_mode_reads_a_channel_first_stack_one_slice_at_a_time(track_widget, run_widget, lazy):
+    import dask.array as da
+
     viewer, widget = track_widget
     gray = time_lapse(5, offset=4)
     stack = np.stack([gray, gray // 2, 255 - gray], axis=1)  # ZCYX, three channels
-    viewer.add_image(stack, name="zstack")
+    viewer.add_image(da.from_array(stack, chunks=(1, 3, 64, 64)) if lazy else stack, name="zstack")
     widget.axes.value = "ZCYX"
     widget.prompts.value = "square"
 
@@ -207,6 +210,18 @@ def test_track_mode_on_a_2d_image_is_refused_before_a_run(track_widget, notifica
 
     assert widget.run() is None
     assert "track mode needs a z-stack or time series" in widget.status.value
+    assert any(str(n.severity) == "error" and "Choose another stack mode" in n.message for n in notifications)
+
+
+def test_track_mode_on_two_channels_is_refused_before_a_run(track_widget, notifications):
+    viewer, widget = track_widget
+    gray = time_lapse(3, offset=16)
+    viewer.add_image(np.stack([gray, 255 - gray], axis=1), name="two channels")  # TCYX, 2 channels
+    widget.axes.value = "TCYX"
+    widget.prompts.value = "square"
+
+    assert widget.run() is None
+    assert "has 2 channels: track mode reads frames of 1, 3 or 4 channels" in widget.status.value
     assert any(str(n.severity) == "error" and "Choose another stack mode" in n.message for n in notifications)
 
 
