@@ -6,6 +6,7 @@ package. FiftyOne is imported only when the plugin is registered or a name below
 
     from promptseg_fiftyone import PromptsegModel, segment_samples
     dataset.apply_model(PromptsegModel(["car"]), "sam3")
+    video_dataset.apply_model(PromptsegVideoModel(["car"]), "sam3")   # frames.sam3, index = object id
     segment_samples(view, ["car", "person"], "sam3")          # skip/resume, run record, batches
 """
 
@@ -15,6 +16,7 @@ _LAZY = {
     "SegmentWithText": "promptseg_fiftyone.operators",
     "SuggestPrompts": "promptseg_fiftyone.operators",
     "PromptsegModel": "promptseg_fiftyone.model",
+    "PromptsegVideoModel": "promptseg_fiftyone.model",
     "segment_samples": "promptseg_fiftyone.runner",
     "RunSummary": "promptseg_fiftyone.runner",
     "to_detections": "promptseg_fiftyone.convert",

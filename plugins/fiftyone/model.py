@@ -188,3 +188,100 @@ def _default_mask_dir() -> str:
     import fiftyone as fo
 
     return os.path.join(fo.config.default_dataset_dir, "promptseg_masks", "apply_model")
+
+
+class PromptsegVideoModel(fom.Model, fom.SamplesMixin):
+    """Text-prompt tracking (SAM 3's video model via promptseg) for ``apply_model`` on video datasets.
+
+        dataset.apply_model(PromptsegVideoModel(["car"]), "sam3")           # writes frames.sam3
+
+    Each video is one `Segmenter.segment_video` call on the sample's file; the result is frame-level
+    `fo.Detections` (FiftyOne's frame numbers, from 1) with instance masks and ``index`` set to the
+    object id, so each object is one track. `prompt_field` adds per-sample text prompts; `stride`
+    keeps every N-th frame; `new_threshold`, `options` and the options given by name (threshold,
+    mask_threshold, percentiles, channels) go to `segment_video`. A model without SAM 3's tracker
+    (a detector-only checkpoint) is refused here, before any video is read. A video that cannot be
+    read fails only its sample: ``apply_model`` logs it and goes on.
+    """
+
+    def __init__(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        segmenter=None,
+        prompt_field: str | None = None,
+        stride: int = 1,
+        new_threshold: float | None = None,
+        mask_dir: str | os.PathLike | None = None,
+        mask_path_min_pixels: int | None = DEFAULT_MASK_PATH_MIN_PIXELS,
+        options: SegmentOptions | None = None,
+        **flat: Any,
+    ) -> None:
+        from promptseg.results import ensure_prompt_list
+        from promptseg.sessions import shared_segmenter
+        from promptseg.video import frame_range
+        from promptseg.video.tracking import check_video_options
+        from promptseg_fiftyone.runner import check_segment_options
+        from promptseg_fiftyone.video import require_video_model
+
+        fom.SamplesMixin.__init__(self)
+        self.prompts = ensure_prompt_list(prompts) if prompts not in (None, [], ()) else []
+        self.options = check_segment_options(options=options, **flat)
+        check_video_options(self.options)  # options a video does not use fail here, not once per video
+        frame_range(1, None, stride)
+        self.stride, self.new_threshold = stride, new_threshold
+        self.segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
+        require_video_model(self.segmenter)
+        self.mask_dir = mask_dir
+        self.mask_path_min_pixels = mask_path_min_pixels
+        self._default_fields = {"prompt_field": prompt_field} if prompt_field else {}
+        self._fields = {}
+
+    @property
+    def needs_fields(self) -> dict[str, str]:
+        return {**self._default_fields, **self._fields}
+
+    @needs_fields.setter
+    def needs_fields(self, fields: dict[str, str] | None) -> None:
+        self._fields = dict(fields or {})
+
+    @property
+    def media_type(self) -> str:
+        return "video"
+
+    @property
+    def ragged_batches(self) -> bool:
+        return False
+
+    @property
+    def transforms(self):
+        return None
+
+    @property
+    def preprocess(self) -> bool:
+        return False
+
+    def predict(self, arg, sample=None):
+        """``{frame number: fo.Detections}`` for one video sample (`arg`, FiftyOne's reader, gives its path).
+
+        The video is read by the core (PyAV) from the sample's file, frame by frame.
+        """
+        from promptseg.errors import PromptError
+        from promptseg_fiftyone.video import frame_labels
+
+        path = sample.filepath if sample is not None else getattr(arg, "inpath", arg)
+        fields = self.needs_fields
+        phrases = list(self.prompts)
+        if sample is not None and fields.get("prompt_field"):
+            phrases += prompts_from_value(sample[fields["prompt_field"]], fields["prompt_field"])
+        if not phrases:
+            if sample is None or not fields.get("prompt_field"):
+                raise PromptError("PromptsegVideoModel has no prompts: pass prompts=[...] or prompt_field=...")
+            return {}
+        result = self.segmenter.segment_video(path, phrases, stride=self.stride, new_threshold=self.new_threshold,
+                                              options=self.options)
+        stem = sample.id if sample is not None else uuid.uuid4().hex
+        return frame_labels(result, self.mask_dir or _default_mask_dir(), stem, self.mask_path_min_pixels)

@@ -110,9 +110,12 @@ class SegmentWithText(foo.Operator):
                 description="Detections whose boxes are examples of what to find.",
                 view=types.AutocompleteView(),
             )
-        for name in FORM_OPTIONS:
-            if name != "threshold":
-                _option_input(inputs, ctx, name)
+        if ctx.dataset is not None and ctx.dataset.media_type == "video":
+            _video_inputs(inputs)
+        else:
+            for name in FORM_OPTIONS:
+                if name != "threshold":
+                    _option_input(inputs, ctx, name)
         inputs.bool(
             "delegate", default=False, label="Delegate",
             description="Queue the run for a delegated-operations worker instead of running it now.",
@@ -123,9 +126,11 @@ class SegmentWithText(foo.Operator):
         from promptseg_fiftyone.runner import segment_samples
 
         params = ctx.params
+        target = ctx.target_view()
+        video = target.media_type == "video"
         try:
             summary = segment_samples(
-                ctx.target_view(),
+                target,
                 prompts=params.get("prompts") or None,
                 label_field=params.get("label_field", "promptseg"),
                 model=params.get("model") or None,
@@ -134,8 +139,10 @@ class SegmentWithText(foo.Operator):
                 exemplar_field=params.get("exemplar_field") or None,
                 overwrite=bool(params.get("overwrite", False)),
                 output=params.get("output") or "detections",
-                progress=_ProgressReporter(ctx),
+                progress=_ProgressReporter(ctx, unit="frames" if video else "samples"),
                 options=SegmentOptions.from_flat(**_options_in(params)),
+                **({"stride": int(params.get("stride") or 1), "new_threshold": params.get("new_threshold")}
+                   if video else {}),
             )
         except PromptsegError as exc:
             raise ValueError(str(exc)) from exc
@@ -164,6 +171,8 @@ class SegmentWithText(foo.Operator):
         prompt_field=None,
         exemplar_field=None,
         output="detections",
+        stride=1,
+        new_threshold=None,
         delegate=False,
         delegation_target=None,
         options: SegmentOptions | None = None,
@@ -172,7 +181,8 @@ class SegmentWithText(foo.Operator):
         """Run on a dataset or view from Python; ``delegate=True`` queues it instead.
 
         `options` (a `SegmentOptions`) and options by name (``threshold=0.3``, any
-        `SegmentOptions` field) are checked here, before anything is queued.
+        `SegmentOptions` field) are checked here, before anything is queued. `stride` and
+        `new_threshold` apply to video datasets (see `runner.segment_samples`).
         """
         from promptseg_fiftyone.runner import check_segment_options
 
@@ -189,6 +199,7 @@ class SegmentWithText(foo.Operator):
             "exemplar_field": exemplar_field,
             "output": output,
             "delegate": delegate,
+            **({"stride": stride, "new_threshold": new_threshold} if sample_collection.media_type == "video" else {}),
             # params travel as JSON (a delegated run stores them): tuples become lists
             **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()},
         }
@@ -283,8 +294,8 @@ class _ProgressReporter:
     Sent at the start, at the end and at most once a second in between.
     """
 
-    def __init__(self, ctx, interval: float = 1.0) -> None:
-        self.ctx, self.interval, self.last, self.done = ctx, interval, 0.0, 0
+    def __init__(self, ctx, interval: float = 1.0, unit: str = "samples") -> None:
+        self.ctx, self.interval, self.last, self.done, self.unit = ctx, interval, 0.0, 0, unit
 
     def __call__(self, total: int, advance: int) -> None:
         self.done = self.done + advance if advance else 0  # advance 0 announces the total
@@ -293,7 +304,15 @@ class _ProgressReporter:
             return
         self.last = now
         self.ctx.set_progress(progress=self.done / total if total else 1.0,
-                              label=f"Segmented {self.done} of {total} samples")
+                              label=f"Segmented {self.done} of {total} {self.unit}")
+
+
+def _video_inputs(inputs) -> None:
+    """The form fields of a video dataset: which frames, and the score that starts a new object."""
+    inputs.int("stride", default=1, min=1, required=False, label="Frame stride",
+               description="Segment every N-th frame (1: every frame).")
+    inputs.float("new_threshold", default=None, required=False, min=0.0, max=1.0, label="New object threshold",
+                 description="Score a detection needs to start a new track (empty: 0.7 at the default threshold 0.5).")
 
 
 def _prompt_problem(prompts, prompt_field) -> str | None:

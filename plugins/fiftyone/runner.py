@@ -37,6 +37,7 @@ from promptseg_fiftyone.convert import (
     prompts_from_value,
     to_label,
 )
+from promptseg_fiftyone.video import check_video_run, is_video_collection, segment_videos
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def report_failure(self, sample, exc) -> None:
+        """Count a sample that could not be segmented, keep its first failures, and log it."""
+        _report_failure(self, sample, exc)
 
 
 def run_key_for(label_field: str) -> str:
@@ -220,6 +225,8 @@ def segment_samples(
     output: str = "detections",
     progress: Progress | None = None,
     options: SegmentOptions | None = None,
+    stride: int = 1,
+    new_threshold: float | None = None,
     **flat: Any,
 ) -> RunSummary:
     """Segment `samples` (a dataset or view) with text prompts into `label_field`.
@@ -240,6 +247,11 @@ def segment_samples(
     smooth, max_instances, tile, channels, ...) go to `Segmenter.segment`. Results are written every
     `batch_size` samples. `progress(total, advance)` is told the number of samples to do, then
     each one done (see `Progress`).
+
+    A video dataset or view is segmented with SAM 3's video model (`promptseg_fiftyone.video`):
+    frame-level Detections in ``frames.<label_field>`` with ``index`` = object id, every `stride`-th
+    frame, `new_threshold` the score a detection needs to start a new object; `progress` then
+    counts frames. Only text prompts and the detections output apply to videos.
     """
     import fiftyone as fo
     from fiftyone.core.collections import SaveContext
@@ -266,7 +278,15 @@ def segment_samples(
             "and exemplar boxes do not apply to it: run once with the boxes and once with text, into two label fields."
         )
     dataset = samples._dataset
+    video = is_video_collection(samples)
+    if video:
+        check_video_run(output, exemplar_field, boxes)
+    elif stride != 1 or new_threshold is not None:
+        raise OptionError("stride and new_threshold apply to video datasets only: leave them out for images.")
     segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
+    if video:
+        return _segment_video_samples(samples, fixed, label_field, segmenter, prompt_field, exemplar_field, options,
+                                      overwrite, output, mask_dir, mask_path_min_pixels, progress, stride, new_threshold)
     if boxes:
         require_visual_head(segmenter)
     resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
@@ -311,6 +331,22 @@ def segment_samples(
         if class_ids is not None:
             _store_mask_targets(dataset, label_field, class_ids)
         summary.embedding_sources = dict(sources)
+        summary.seconds = time.perf_counter() - started
+        _record_run(samples, summary, config)
+    return summary
+
+
+def _segment_video_samples(samples, fixed, label_field, segmenter, prompt_field, exemplar_field, options, overwrite,
+                           output, mask_dir, mask_path_min_pixels, progress, stride, new_threshold) -> RunSummary:
+    """A video dataset or view through `promptseg_fiftyone.video.segment_videos`, recorded like an image run."""
+    summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
+    config = _run_config(samples._dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output)
+    started = time.perf_counter()
+    try:
+        segment_videos(samples, fixed, label_field, segmenter=segmenter, summary=summary, prompt_field=prompt_field,
+                       overwrite=overwrite, mask_dir=mask_dir, mask_path_min_pixels=mask_path_min_pixels,
+                       progress=progress, options=options, stride=stride, new_threshold=new_threshold)
+    finally:
         summary.seconds = time.perf_counter() - started
         _record_run(samples, summary, config)
     return summary
