@@ -254,6 +254,7 @@ def test_detector_only_model_is_refused_before_any_work(fo, video_dataset, fo_se
         ({"stride": 0}, "stride must be a whole number >= 1"),
         ({"min_area": 5}, "min_area do\\(es\\) not apply to videos"),
     ],
+    ids=["output", "stride", "cleanup-option"],
 )
 def test_bad_video_run_settings_fail_before_any_work(video_dataset, video_segmenter, call, match):
     with pytest.raises(OptionError, match=match):
