@@ -265,3 +265,32 @@ def test_bad_video_run_settings_fail_before_any_work(video_dataset, video_segmen
 def test_stride_on_an_image_dataset_is_refused(dataset, fo_segmenter):
     with pytest.raises(OptionError, match="apply to video datasets only"):
         segment_samples(dataset, "cat", "sam", segmenter=fo_segmenter, stride=2)
+
+
+def test_each_video_takes_its_own_prompts_from_a_text_field(video_dataset, video_segmenter, video_paths):
+    clips, broken = video_paths
+    view = video_dataset.match({"filepath": {"$ne": broken}})
+    for sample, prompt in zip(view, ["cat", None, "dog"]):
+        sample["prompt"] = prompt
+        sample.save()
+    summary = segment_samples(view, None, "sam", segmenter=video_segmenter, prompt_field="prompt", **THRESHOLDS)
+    assert (summary.processed, summary.no_prompts) == (2, 1)
+    first, empty, last = view
+    assert all(frame["sam"] is None for frame in empty.frames.values())  # no prompt: left for a later run
+    for sample, prompt in ((first, "cat"), (last, "dog")):
+        assert_frames_match_core(sample, "sam", video_segmenter.segment_video(sample.filepath, prompt, **THRESHOLDS))
+        assert {d.label for frame in sample.frames.values() for d in frame["sam"].detections} == {prompt}
+
+
+def test_the_form_of_a_video_dataset_asks_for_stride_and_new_threshold(video_dataset, dataset):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    def form(target):
+        ctx = ExecutionContext(request_params={"dataset_name": target.name, "params": {"prompts": ["car"]}})
+        return foo.get_operator(URI).resolve_input(ctx).type.properties
+
+    video_form, image_form = form(video_dataset), form(dataset)
+    assert video_form["stride"].default == 1 and video_form["stride"].type.min == 1
+    assert "new_threshold" in video_form and "min_area" not in video_form
+    assert "stride" not in image_form and "min_area" in image_form
