@@ -204,6 +204,16 @@ def test_video_file_folder_array_and_tiff_give_one_result(video_segmenter, tmp_p
     assert len(lossy) == 4 and lossy.frame_size == (72, 96)
 
 
+def test_any_channel_count_is_read_like_an_image(video_segmenter):
+    """A (T, H, W, C) array with 2 or 5 channels: `channels` picks them, as for one image."""
+    frames = clip(3)
+    five = np.concatenate([frames, frames[..., :2]], axis=-1)  # channels 0..2 are the RGB frames
+    same_result(video_segmenter.segment_video(five, "cat", channels=(0, 1, 2), **THRESHOLDS),
+                video_segmenter.segment_video(frames, "cat", **THRESHOLDS))
+    two = video_segmenter.segment_video(five[..., 3:], "cat", channels=(0, 1), **THRESHOLDS)
+    assert len(two) == 3 and two.frame_size == (72, 96)
+
+
 def test_frame_range_and_stride(video_segmenter):
     frames = clip(7)
     seen = []

@@ -120,9 +120,10 @@ def _folder(path: Path, pixels, max_pixels) -> FrameSource:
 
 def _array(video: Any, pixels, max_pixels) -> FrameSource:
     shape = tuple(video.shape)
-    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+    # any channel count: each frame is read like an image (the `channels` option picks up to three)
+    if len(shape) not in (3, 4):
         raise ImageError(
-            f"A video array must be (T, H, W) or (T, H, W, C) with 1, 3 or 4 channels; got shape {shape}. "
+            f"A video array must be (T, H, W) or (T, H, W, C); got shape {shape}. "
             "Move the time axis first and channels last (numpy.moveaxis)."
         )
 

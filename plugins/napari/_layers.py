@@ -54,18 +54,11 @@ class LayerInput:
 
 
 def check_trackable(source: LayerInput, name: str) -> None:
-    """Track mode reads the layer as a video: slices to track through, frames of 1, 3 or 4 channels
-    (what `segment_video` takes; 'channels' then picks among them). Refused before a run."""
+    """Track mode reads the layer as a video: it needs slices to track through. Refused before a run."""
     if not source.is_stack:
         raise OptionError(
             f"Layer {name!r} ({source.axes}) has no slices to track through: track mode needs a z-stack or "
             "time series. Choose another stack mode for a 2D image, or set 'axes' if the layer is a stack."
-        )
-    channels = source.data.shape[source.axes.index("C")] if "C" in source.axes else 1
-    if channels not in (1, 3, 4):
-        raise OptionError(
-            f"Layer {name!r} has {channels} channels: track mode reads frames of 1, 3 or 4 channels. Choose "
-            "another stack mode (they pick up to three channels with 'channels'), or make a layer of 1 or 3 channels."
         )
 
 

@@ -213,16 +213,20 @@ def test_track_mode_on_a_2d_image_is_refused_before_a_run(track_widget, notifica
     assert any(str(n.severity) == "error" and "Choose another stack mode" in n.message for n in notifications)
 
 
-def test_track_mode_on_two_channels_is_refused_before_a_run(track_widget, notifications):
+def test_track_mode_on_two_channels_picks_them_like_other_modes(track_widget, run_widget):
     viewer, widget = track_widget
     gray = time_lapse(3, offset=16)
-    viewer.add_image(np.stack([gray, 255 - gray], axis=1), name="two channels")  # TCYX, 2 channels
+    stack = np.stack([gray, 255 - gray], axis=1)  # TCYX, 2 channels
+    viewer.add_image(stack, name="two channels")
     widget.axes.value = "TCYX"
+    widget.channels.value = "1, 0"
     widget.prompts.value = "square"
 
-    assert widget.run() is None
-    assert "has 2 channels: track mode reads frames of 1, 3 or 4 channels" in widget.status.value
-    assert any(str(n.severity) == "error" and "Choose another stack mode" in n.message for n in notifications)
+    outcome = run_widget(widget)
+
+    assert outcome.error is None, outcome.error
+    expected = segmenter(widget).segment_video(np.moveaxis(stack, 1, -1), "square", channels=(1, 0), **THRESHOLDS)
+    np.testing.assert_array_equal(viewer.layers["two channels segmentation"].data, expected.to_label_volume())
 
 
 @pytest.mark.parametrize("text, message", [
