@@ -281,6 +281,15 @@ def test_each_video_takes_its_own_prompts_from_a_text_field(video_dataset, video
         assert_frames_match_core(sample, "sam", video_segmenter.segment_video(sample.filepath, prompt, **THRESHOLDS))
         assert {d.label for frame in sample.frames.values() for d in frame["sam"].detections} == {prompt}
 
+    from promptseg_fiftyone import PromptsegVideoModel
+
+    view.apply_model(PromptsegVideoModel(segmenter=video_segmenter, **THRESHOLDS), label_field="applied",
+                     prompt_field="prompt")
+    first, empty, last = view
+    assert all(frame["applied"] is None for frame in empty.frames.values())
+    for sample, prompt in ((first, "cat"), (last, "dog")):
+        assert_frames_match_core(sample, "applied", video_segmenter.segment_video(sample.filepath, prompt, **THRESHOLDS))
+
 
 def test_the_form_of_a_video_dataset_asks_for_stride_and_new_threshold(video_dataset, dataset):
     import fiftyone.operators as foo
