@@ -385,6 +385,23 @@ class Segmenter:
             )
             raise ModelLoadError(f"{self.model_name} ({self.backend.name} backend) has no visual-prompt head. {fix}")
 
+    @property
+    def supports_video(self) -> bool:
+        """Whether the model can track objects through video frames (`segment_video`): the hub's
+        facebook/sam3 can, through the transformers backend."""
+        return bool(getattr(self.backend, "video", False))
+
+    def require_video(self) -> None:
+        """Raise `ModelLoadError` saying what to load when the model cannot track through frames.
+
+        Hosts call it before a run over videos, so the run stops before any frame is read.
+        """
+        if not self.supports_video:
+            raise ModelLoadError(getattr(self.backend, "video_help", None) or (
+                f"The {self.backend.name} backend cannot track objects through video frames: load facebook/sam3 "
+                "with the transformers backend (the default) to segment videos."
+            ))
+
     def refine(
         self,
         target: SegmentationResult | Instance,
@@ -577,6 +594,7 @@ class Segmenter:
 
         options = _options(options, flat)
         query = self.query(prompts, options)
+        self.require_video()  # before any frame is read
         source = open_frames(video, options.pixels, self.max_pixels)
         return segment_frames(
             source, self.backend, self.embed, query.labels, query.phrases, options, frames=frames, stride=stride,

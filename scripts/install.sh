@@ -12,8 +12,9 @@ CONSTRAINTS=.ci/constraints.txt
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]" -r .ci/platform-requirements.txt
-    # GUI tests need a real X server for napari's GL canvas, and the libraries Qt's xcb plugin loads
-    APT_PACKAGES="xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+    # GUI tests need a real X server for napari's GL canvas, and the libraries Qt's xcb plugin loads;
+    # FiftyOne reads video samples with ffmpeg/ffprobe (its apply_model opens each video itself)
+    APT_PACKAGES="ffmpeg xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
         libxkbcommon-x11-0 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxcb-xfixes0 libxcb-cursor0 libgl1
         libegl1 libfontconfig1 libdbus-1-3"
     MISSING=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)

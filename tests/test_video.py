@@ -155,9 +155,14 @@ def test_video_model_shares_the_loaded_trunk_and_neck(video_segmenter):
                             | {p.data_ptr() for p in video.tracker_model.parameters()})
 
 
-def test_detector_only_checkpoint_names_the_full_checkpoint(make_segmenter):
+def test_detector_only_checkpoint_names_the_full_checkpoint(make_segmenter, video_segmenter, tmp_path):
+    detector_only = make_segmenter()
+    assert not detector_only.supports_video and video_segmenter.supports_video
     with pytest.raises(ModelLoadError, match="holds the text detector only.*Load the full facebook/sam3"):
-        make_segmenter().segment_video(clip(2), "cat")
+        detector_only.require_video()
+    missing = tmp_path / "not-read.mp4"  # refused before the video is opened: no "cannot read" error
+    with pytest.raises(ModelLoadError, match="holds the text detector only.*Load the full facebook/sam3"):
+        detector_only.segment_video(missing, "cat")
 
 
 def write_mp4(path, frames, fps=5):

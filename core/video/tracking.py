@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from promptseg.errors import CancelledError, ImageError, ModelLoadError, OptionError
+from promptseg.errors import CancelledError, ImageError, OptionError
 from promptseg.options import CleanupOptions, ClipOptions, SegmentOptions, TilingOptions
 from promptseg.results import Instance, SegmentationResult
 from promptseg.video.frames import FrameSource, frame_range
@@ -50,12 +50,6 @@ def segment_frames(
     `cancel()` is checked before each.
     """
     check_video_options(options)
-    if not getattr(backend, "video", False):
-        help_text = getattr(backend, "video_help", None) or (
-            f"The {backend.name} backend cannot track objects through video frames: load facebook/sam3 "
-            "with the transformers backend (the default) to use segment_video."
-        )
-        raise ModelLoadError(help_text)
     indices = frame_range(source.length, frames, stride)
     lock = lock or threading.RLock()
     if progress:

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from promptseg.errors import ImageError, ModelLoadError, OptionError, PromptError
+from promptseg.errors import ImageError, OptionError, PromptError
 from promptseg_fiftyone.convert import DEFAULT_MASK_PATH_MIN_PIXELS, prompts_from_value, to_detections
 
 logger = logging.getLogger(__name__)
@@ -27,12 +27,7 @@ def is_video_collection(samples) -> bool:
 
 def require_video_model(segmenter) -> None:
     """Raise `ModelLoadError` now, before any sample, when the model cannot track through frames."""
-    backend = segmenter.backend
-    if not getattr(backend, "video", False):
-        raise ModelLoadError(getattr(backend, "video_help", None) or (
-            f"The {backend.name} backend cannot track objects through video frames: load facebook/sam3 with the "
-            "transformers backend (the default) to segment video samples."
-        ))
+    segmenter.require_video()
 
 
 def frame_labels(result, mask_dir: str | os.PathLike | None = None, mask_stem: str = "mask",
