@@ -86,7 +86,7 @@ def load_segmenter(
     backend: str | None = None,
     memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
     disk_cache_bytes: int = DEFAULT_DISK_BYTES,
-    prompt_batch_size: int = 8,
+    prompt_batch_size: int | None = None,
     clip: str | bool | None = None,
     max_pixels: int | None = None,
     **backend_options: Any,
@@ -95,7 +95,7 @@ def load_segmenter(
 
     `model` is a hub id or a local directory (default: `PROMPTSEG_MODEL`, else
     ``facebook/sam3``). `device` is ``"auto"`` (CUDA, MPS, CPU) or a torch device; `dtype` is
-    ``"auto"`` (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+    ``"auto"`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
     `cache_dir` is the disk cache (default `PROMPTSEG_CACHE_DIR` or the user cache dir;
     ``False`` for memory only). `backend` forces a registered backend by name.
     `clip` adds a CLIP scorer (``"ViT-B-32/laion2b_s34b_b79k"``, a path, ``hf-hub:``/``local-dir:``,
@@ -103,7 +103,9 @@ def load_segmenter(
     (see `promptseg.clip.load_clip`); None (the default) changes nothing.
     `max_pixels` is the most pixels (height x width) an image file may decode to (default
     `PROMPTSEG_MAX_PIXELS`, else 2**28); larger images are an `ImageError` naming it.
+    `prompt_batch_size` is how many prompts one decoder forward takes (None: 1 on the CPU, 8 on a GPU).
     """
+    from promptseg.device import prompt_batch_for
     from promptseg.plugins import load_backend
 
     model = model or default_model()
@@ -114,6 +116,8 @@ def load_segmenter(
         "segmentation", str(model), device, dtype, backend, backend_options
     )
     cache = EmbeddingCache(MemoryCache(memory_cache_bytes), open_disk_cache(cache_dir, disk_cache_bytes))
+    if prompt_batch_size is None:
+        prompt_batch_size = prompt_batch_for(torch_device)
     scorer = None
     if clip not in (None, False):
         from promptseg.clip.scorer import load_clip
@@ -793,7 +797,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def _check_load_options(prompt_batch_size: Any, memory_cache_bytes: Any, disk_cache_bytes: Any) -> None:
     """Raise `OptionError` for a bad `load_segmenter` size option, before the model loads."""
-    if not _whole(prompt_batch_size) or prompt_batch_size < 1:
+    if prompt_batch_size is not None and (not _whole(prompt_batch_size) or prompt_batch_size < 1):
         raise OptionError(f"prompt_batch_size must be a whole number >= 1 (8 is usual), got {prompt_batch_size!r}.")
     for name, value in (("memory_cache_bytes", memory_cache_bytes), ("disk_cache_bytes", disk_cache_bytes)):
         if not _whole(value) or value < 0:

@@ -188,3 +188,15 @@ def test_hub_layout_loads_through_the_loader_and_segments_text(tiny_sam3_hub_dir
     assert all(torch.equal(detector[name], tensor) for name, tensor in from_checkpoint.items())
     result = seg.segment(rgb_image, ["cat", "dog"], threshold=0.0)
     assert len(result) > 0 and set(result.labels) <= {"cat", "dog"}
+
+
+def test_prompt_batch_defaults_to_one_on_the_cpu_and_eight_on_a_gpu(tiny_sam3_dir):
+    import torch
+
+    from promptseg.device import prompt_batch_for
+
+    assert prompt_batch_for(torch.device("cpu")) == 1
+    assert prompt_batch_for(torch.device("cuda")) == 8
+    assert promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=False).prompt_batch_size == 1
+    stated = promptseg.load_segmenter(str(tiny_sam3_dir), device="cpu", cache_dir=False, prompt_batch_size=4)
+    assert stated.prompt_batch_size == 4
