@@ -295,3 +295,13 @@ def test_core_stages_use_no_private_member_of_another_object():
     assert private_reaches("with segmenter._lock:\n    segmenter._decode(f)\nself._cache\n") == [
         "segmenter._lock", "segmenter._decode",
     ]
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports every test file by its base name (no packages under tests/): two files of one
+    name in different folders stop the whole run at collection."""
+    from collections import Counter
+
+    tests = Path(__file__).resolve().parent
+    names = Counter(path.name for path in tests.rglob("*.py") if "__pycache__" not in path.parts)
+    assert not [name for name, count in names.items() if count > 1 and name != "conftest.py"]
