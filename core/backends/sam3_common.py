@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from promptseg.backends.protocol import Detections
+from promptseg.errors import ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported by the backends that run, not by registration
     import torch
@@ -75,3 +76,14 @@ def split_detections(
             )
         )
     return results
+
+
+def refuse_partial_load(info: dict, directory, part: str) -> None:
+    """`ModelLoadError` when ``from_pretrained``'s loading info names missing or mismatched weights of `part`."""
+    problems = sorted(info.get("missing_keys") or []) + sorted(map(str, info.get("mismatched_keys") or []))
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ModelLoadError(
+            f"The checkpoint in {directory} lacks {part} weights its config describes "
+            f"({', '.join(problems[:5])}{more}). Refusing a partial load: use the complete checkpoint for this config."
+        )

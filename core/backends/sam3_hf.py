@@ -411,13 +411,9 @@ def _load_tracker(directory: Path, detector, dtype):
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    problems = sorted(info.get("missing_keys") or []) + sorted(map(str, info.get("mismatched_keys") or []))
-    if problems:
-        raise ModelLoadError(
-            f"The checkpoint in {directory} lacks tracker weights its config describes "
-            f"({', '.join(problems[:5])}{f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''}). "
-            "Refusing a partial load: use the complete checkpoint for this config."
-        )
+    from promptseg.backends.sam3_common import refuse_partial_load
+
+    refuse_partial_load(info, directory, "tracker")
     tracker.vision_encoder.backbone = detector.vision_encoder.backbone  # one trunk in memory, not two
     return tracker
 

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+from promptseg.backends.sam3_common import refuse_partial_load
 from promptseg.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -126,12 +127,7 @@ def load_video_model(backend, directory: Path):
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    problems = sorted(info.get("missing_keys") or []) + sorted(map(str, info.get("mismatched_keys") or []))
-    if problems:
-        raise ModelLoadError(
-            f"The checkpoint in {directory} lacks video tracker weights its config describes "
-            f"({', '.join(problems[:5])}). Refusing a partial load: use the complete checkpoint."
-        )
+    refuse_partial_load(info, directory, "video tracker")
     with torch.device("meta"):  # its own detector, trunk and neck are replaced below: never allocated
         video = _cached_video_model_class()(Sam3VideoConfig.from_pretrained(directory))
     video.detector_model = _CachedDetector(backend)
