@@ -79,9 +79,12 @@ def fo():
     return fiftyone
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def fo_segmenter(tiny_sam3_dir):
-    """The process-wide segmenter the operator also gets for model=tiny_sam3_dir, device=cpu."""
+    """The process-wide segmenter the operator also gets for model=tiny_sam3_dir, device=cpu.
+
+    Asked for in every test: the shared cache keeps the two latest models, so another test's model
+    may have replaced an earlier one (the tiny model loads again in a moment)."""
     from promptseg.sessions import shared_segmenter
 
     return shared_segmenter(str(tiny_sam3_dir), device="cpu")

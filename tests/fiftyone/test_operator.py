@@ -112,12 +112,13 @@ def test_second_run_reuses_the_loaded_model_and_skips_the_image_encoder(operator
     assert fo_segmenter.stats.image_encoder_runs == runs
 
 
-def test_the_old_get_segmenter_warns_and_gives_the_shared_segmenter(params, fo_segmenter):
+def test_the_old_get_segmenter_warns_and_gives_the_shared_segmenter(params):
     import promptseg_fiftyone
+    from promptseg.sessions import shared_segmenter
 
     with pytest.warns(DeprecationWarning, match="promptseg.sessions.shared_segmenter"):
         old = promptseg_fiftyone.get_segmenter(params["model"], device="cpu")
-    assert old is fo_segmenter
+    assert old is shared_segmenter(params["model"], device="cpu")  # other tests' models may have evicted a fixture's
     assert "get_segmenter" not in promptseg_fiftyone.__all__
 
 
