@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sam3  # noqa: F401  (the meta extra; CI installs it)
-from test_visual_prompts import PROMPT_CASES, PROMPT_IDS, assert_same_as_reference
+from test_visual_prompts import PROMPT_CASES, PROMPT_IDS, assert_same_as_reference, drop_tracker_levels
 
 import promptseg
 from promptseg.errors import ModelLoadError
@@ -258,19 +258,10 @@ def test_embedding_spec_holds_the_tracker_levels(meta_visual_checkpoint, rgb_ima
 
 def test_disk_entry_without_the_tracker_levels_is_recomputed(meta_visual_checkpoint, tmp_path, rgb_image):
     """An entry written for text prompts alone (no ``tracker_i``) fails the spec check and is recomputed."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     cache = tmp_path / "shared"
     seg = promptseg.load_segmenter(str(meta_visual_checkpoint), device="cpu", cache_dir=cache)
     seg.segment(rgb_image, "cat", threshold=0.0)
-    (path,) = seg.cache.disk.files()
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-        detector_only = {n: handle.get_tensor(n) for n in handle.keys() if n.startswith("fpn_")}
-    save_file(detector_only, path, metadata={**metadata, "tensor_names": json.dumps(sorted(detector_only))})
+    drop_tracker_levels(seg)
     later = promptseg.load_segmenter(str(meta_visual_checkpoint), device="cpu", cache_dir=cache)
     result = later.segment_object(rgb_image, points=[(60, 50)])
     assert result.embedding_source == "computed" and later.stats.image_encoder_runs == 1

@@ -188,15 +188,20 @@ def test_text_then_clicks_then_a_box_run_the_image_trunk_once(tiny_sam3_hub_dir,
     assert np.array_equal(again.instances[0].mask, first.instances[0].mask)
 
 
-def test_disk_entry_without_the_tracker_levels_is_recomputed(tiny_sam3_hub_dir, tmp_path, rgb_image):
-    cache = tmp_path / "shared"
-    seg = promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=cache)
-    seg.segment(rgb_image, "cat", threshold=0.0)
-    (path,) = seg.cache.disk.files()
+def drop_tracker_levels(segmenter) -> None:
+    """Rewrite the segmenter's one disk entry as a text-only backend would have written it (no ``tracker_i``)."""
+    (path,) = segmenter.cache.disk.files()
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
         detector_only = {n: handle.get_tensor(n) for n in handle.keys() if n.startswith("fpn_")}
     save_file(detector_only, path, metadata={**metadata, "tensor_names": json.dumps(sorted(detector_only))})
+
+
+def test_disk_entry_without_the_tracker_levels_is_recomputed(tiny_sam3_hub_dir, tmp_path, rgb_image):
+    cache = tmp_path / "shared"
+    seg = promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=cache)
+    seg.segment(rgb_image, "cat", threshold=0.0)
+    drop_tracker_levels(seg)
     later = promptseg.load_segmenter(str(tiny_sam3_hub_dir), device="cpu", cache_dir=cache)
     result = later.segment_object(rgb_image, points=[(60, 50)])
     assert result.embedding_source == "computed" and later.stats.image_encoder_runs == 1
