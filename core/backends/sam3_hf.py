@@ -202,13 +202,29 @@ class Sam3Backend:
                 f"config ({detail}). Refusing a partial load: use the checkpoint that belongs "
                 "to this config."
             )
+        from promptseg.placement import move_plain_tensors
+
         model = model.to(device).eval()
+        move_plain_tensors(model, device)  # caches kept as plain attributes, which .to() skips
         tracker = _load_tracker(directory, model, dtype)
-        tracker = tracker.to(device).eval() if tracker is not None else None
+        if tracker is not None:
+            tracker = tracker.to(device).eval()
+            move_plain_tensors(tracker, device)
         backend = cls(model, _load_tokenizer(directory), _load_image_processor(directory, config),
                       model_id, device, dtype, tracker)
         backend.directory = directory
         return backend
+
+    def with_dtype(self, dtype: torch.dtype) -> Sam3Backend:
+        """This model in another precision, on a copy of the weights (the detector and tracker keep
+        sharing one trunk): the fp16 overflow guard's twin (`promptseg.overflow`)."""
+        import copy
+
+        model, tracker = copy.deepcopy((self.model, self.tracker))  # one memo: the shared trunk stays shared
+        twin = type(self)(model.to(dtype=dtype), self.tokenizer, self.image_processor, self.model_id, self.device,
+                          dtype, tracker.to(dtype=dtype) if tracker is not None else None)
+        twin.directory = getattr(self, "directory", None)
+        return twin
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch warns on those

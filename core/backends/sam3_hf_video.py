@@ -29,6 +29,7 @@ import torch
 
 from promptseg.backends.sam3_common import refuse_partial_load
 from promptseg.errors import ModelLoadError
+from promptseg.placement import move_plain_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +133,10 @@ def load_video_model(backend, directory: Path):
         video = _cached_video_model_class()(Sam3VideoConfig.from_pretrained(directory))
     video.detector_model = _CachedDetector(backend)
     video.tracker_model = heads.to(backend.device).eval()
+    move_plain_tensors(video.tracker_model, backend.device)  # caches kept as plain attributes, which .to() skips
     video.tracker_neck = backend.tracker.vision_encoder.neck
     on_meta = [name for name, tensor in [*video.named_parameters(), *video.named_buffers()] if tensor.is_meta]
-    if on_meta:
+    if on_meta and backend.device.type != "meta":  # a backend on the meta device has nothing but meta tensors
         raise ModelLoadError(f"SAM 3's video model has tensors no checkpoint part filled: {on_meta[:5]}.")
     return video.eval()
 

@@ -2,7 +2,9 @@
 
 Every call into the package runs under `DeviceRedirect` (its CUDA hard-codes go to this
 backend's device) and, below fp32, under ``torch.autocast`` with fp32 weights: the recipe the
-package is written for. See `promptseg.backends.meta` for loading.
+package is written for (in fp32 no autocast is constructed at all, see `promptseg.device.autocast`).
+The package's layers keep caches built on the CPU as plain attributes, which ``Module.to`` does not
+move: `on_device` moves them with the model. See `promptseg.backends.meta` for loading.
 
 Visual prompts go through the tracker's SAM prompt encoder and mask decoder the way Meta's
 "instance interactive" image predictor (``SAM3InteractiveImagePredictor`` on
@@ -12,6 +14,7 @@ keeps the image in its own state, so it is not shared between calls here.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,7 +23,11 @@ import torch
 from promptseg.backends.protocol import Detections, Tensors
 from promptseg.backends.sam3_common import exemplar_inputs, sam3_embedding_spec, sam3_tracker_spec, split_detections
 from promptseg.backends.meta.device import DeviceRedirect
+from promptseg.device import autocast, resize_device
 from promptseg.errors import ModelLoadError
+from promptseg.placement import move_plain_tensors
+
+logger = logging.getLogger(__name__)
 
 NAME = "sam3-meta"
 FPN_SCALES = (4.0, 2.0, 1.0)  # the neck's levels the detector consumes (its 0.5 level is scalped off)
@@ -28,6 +35,16 @@ VISUAL_PROMPTS_HELP = (
     "Visual prompts (points, boxes, masks) need SAM 3's tracker, which this sam3.pt does not hold (it has "
     "detector.* tensors only). Load the official sam3.pt of facebook/sam3, which holds tracker.* too."
 )
+
+
+def on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` on `device` in eval mode, caches included: the package builds some on the CPU as
+    plain attributes (the detector's box coordinates, the necks' position encodings, the tracker's
+    rotary frequencies) and reads them on every call, so a decode on a GPU would mix devices."""
+    module = module.to(device).eval()
+    moved = move_plain_tensors(module, device)
+    logger.debug("Moved %d cache attribute(s) of %s to %s", moved, type(module).__name__, device)
+    return module
 
 
 class Sam3MetaBackend:
@@ -43,8 +60,8 @@ class Sam3MetaBackend:
     ) -> None:
         # fp32 weights, lower precisions through autocast: the recipe the package is written for
         # (it feeds fp32 tensors into layers in places, and turns autocast off around some)
-        self.model = model.to(device).eval()
-        self.tracker = tracker.to(device).eval() if tracker is not None else None
+        self.model = on_device(model, device)
+        self.tracker = on_device(tracker, device) if tracker is not None else None
         """The tracker (``Sam3TrackerBase``) whose SAM heads answer visual prompts, or None."""
         self.model_id = model_id
         self.device = device
@@ -57,17 +74,16 @@ class Sam3MetaBackend:
     @contextmanager
     def _redirect(self):
         """Calls into the package: on this device, in this precision."""
-        with DeviceRedirect(self.device), torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        ):
+        with DeviceRedirect(self.device), autocast(self.device, self.dtype):
             yield
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Meta's transform: resize to the square input (antialiased), scale to [-1, 1]."""
+        """Meta's transform: resize to the square input (antialiased), scale to [-1, 1]. The resize
+        runs where the antialiased op exists (`promptseg.device.resize_device`)."""
         from torchvision.transforms import v2
 
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
-        image = v2.functional.resize(image, list(self.input_size), antialias=True)
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(resize_device(self.device))
+        image = v2.functional.resize(image, list(self.input_size), antialias=True).to(self.device)
         pixels = image.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
         return pixels[None]  # fp32: autocast lowers it inside the first layer
 
@@ -142,8 +158,9 @@ class Sam3MetaBackend:
             sparse = (torch.cat(coords, 1).to(self.device, torch.float32), torch.cat(labels, 1).to(self.device))
         dense = None
         if mask is not None:
-            dense = F.interpolate(mask[None, None].to(self.device, torch.float32), size=encoder.mask_input_size,
-                                  mode="bilinear", align_corners=False, antialias=True)
+            dense = F.interpolate(mask[None, None].to(resize_device(self.device), torch.float32),
+                                  size=encoder.mask_input_size, mode="bilinear", align_corners=False,
+                                  antialias=True).to(self.device)
         with self._redirect():
             sparse_embeddings, dense_embeddings = encoder(points=sparse, boxes=None, masks=dense)
             logits, ious, _, _ = decoder(
