@@ -43,12 +43,15 @@ from promptseg.cache import (
     EmbeddingCache,
     MemoryCache,
     make_key,
+    on_device,
     open_disk_cache,
+    owned,
 )
 from promptseg.device import dtype_name
 from promptseg.errors import CancelledError, ImageError, ModelLoadError, OptionError
 from promptseg.images import load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
+from promptseg.overflow import OverflowGuard
 from promptseg.clip.verify import check_with_clip, cleanup_for_clip, prompt_phrases
 from promptseg.options import CleanupOptions, DecodingOptions, PixelOptions, SegmentOptions, resolve_options
 from promptseg.results import Instance, SegmentationResult, ensure_prompt_list
@@ -152,6 +155,9 @@ class Segmenter:
         """The `ClipScorer` used for CLIP options and suggestions, or None."""
         self.cache = cache if cache is not None else EmbeddingCache()
         self.text_cache = MemoryCache(256 * 1024**2)
+        """Text features per phrase, in host memory (copied to the device per decode: a few KiB)."""
+        self.guard = OverflowGuard(backend)
+        """Redoes fp16 calls that overflow in a precision with fp32's range (`promptseg.overflow`)."""
         self.prompt_batch_size = prompt_batch_size
         self.model_name = model_name or backend.model_id
         self.stats = EncoderStats()
@@ -367,7 +373,9 @@ class Segmenter:
         inputs = to_model_input(prompts, rgb.shape[:2], self.backend.input_size)
         with self._lock:
             features, origin = self.embed(rgb)
-            logits, ious = self.backend.decode_object(features, *inputs, multimask)
+            logits, ious = self.guard.run(
+                "the visual prompt decoder", features, lambda backend: backend.decode_object(features, *inputs, multimask)
+            )
             self.stats.decoder_runs += 1
         return object_instances(logits, ious, rgb.shape[:2], mask_threshold), origin
 
@@ -607,45 +615,55 @@ class Segmenter:
 
     def embed(self, rgb: np.ndarray) -> tuple[dict[str, torch.Tensor], str]:
         """The image embedding of RGB pixels and where it came from (memory, disk or computed)."""
-        key, key_parts = self._embedding_key(rgb)
-        spec = getattr(self.backend, "embedding_spec", None)  # optional: what a disk entry must hold
+        pixels = pixel_hash(rgb)
         with self._lock:
+            encoder = self.guard.encoder_for(pixels)  # the fp32-range twin for images that overflow fp16
+            key, key_parts = self._embedding_key(pixels, encoder.dtype)
+            spec = getattr(encoder, "embedding_spec", None)  # optional: what a disk entry must hold
             features, origin = self.cache.get(key, key_parts, self.device, spec(rgb.shape[:2]) if spec else None)
             if features is not None:
                 return features, origin
-            features = self.backend.encode_image(self.backend.preprocess(rgb))
+            features = self.guard.encode(rgb, pixels)
             self.stats.image_encoder_runs += 1
+            actual = self.guard.for_features(features)
+            if actual is not encoder:  # overflowed just now: store it under the twin's precision
+                key, key_parts = self._embedding_key(pixels, actual.dtype)
             features = self.cache.put(key, features, key_parts)  # as stored, so a later hit decodes alike
             return features, "computed"
 
     def is_cached(self, image: Any) -> bool:
         """Whether `image`'s embedding is in the memory or disk cache (does not compute it)."""
-        key, _ = self._embedding_key(load_image(image, max_pixels=self.max_pixels))
+        key, _ = self._embedding_key(pixel_hash(load_image(image, max_pixels=self.max_pixels)), self.dtype)
         if self.cache.memory.get(key) is not None:
             return True
         return self.cache.disk is not None and self.cache.disk.path_for(key).exists()
 
-    def _embedding_key(self, rgb: np.ndarray) -> tuple[str, dict[str, str]]:
-        """Everything that changes an embedding: backend, weights, precision, input size, pixels."""
+    def _embedding_key(self, pixels: str, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
+        """Everything that changes an embedding: backend, weights, precision, the kind of device (a GPU's
+        kernels round differently from a CPU's, so a shared cache keeps them apart), input size, pixels."""
         parts = {
             "backend": self.backend.name,
             "model": self.backend.model_id,
-            "dtype": dtype_name(self.dtype),
+            "dtype": dtype_name(dtype),
+            "device": self.device.type,
             "input_size": "x".join(map(str, self.backend.input_size)),
-            "pixels": pixel_hash(rgb),
+            "pixels": pixels,
         }
         return make_key(**parts), parts
 
     def text_embeddings(self, phrases: list[str]) -> list[dict[str, torch.Tensor]]:
         """Text embeddings per phrase, encoding only the phrases not seen before."""
         with self._lock:
-            prefix = f"{self.backend.name}|{self.backend.model_id}|{dtype_name(self.dtype)}|"
+            prefix = f"{self.backend.name}|{self.backend.model_id}|{dtype_name(self.dtype)}|{self.device.type}|"
             missing = [p for p in phrases if self.text_cache.get(prefix + p) is None]
+            found = {}
             if missing:
                 for phrase, tensors in zip(missing, self.backend.encode_text(missing)):
-                    self.text_cache.put(prefix + phrase, tensors)
+                    found[phrase] = {name: owned(t) for name, t in tensors.items()}  # not the batch's storage
+                    self.text_cache.put(prefix + phrase, found[phrase])
                 self.stats.text_encoder_runs += 1
-            return [self.text_cache.get(prefix + p) or self.backend.encode_text([p])[0] for p in phrases]
+            texts = [found.get(p) or self.text_cache.get(prefix + p) or self.backend.encode_text([p])[0] for p in phrases]
+            return [on_device(t, self.device) for t in texts]
 
     def _decode(self, features, phrases, decoding: DecodingOptions, image_size, exemplars, exemplar_labels):
         boxes = labels = None
@@ -655,8 +673,10 @@ class Segmenter:
         instances = []
         for start in range(0, len(phrases), self.prompt_batch_size):
             chunk = phrases[start : start + self.prompt_batch_size]
-            detections = self.backend.decode(
-                features, texts[start : start + self.prompt_batch_size], decoding.threshold, boxes, labels
+            batch = texts[start : start + self.prompt_batch_size]
+            detections = self.guard.run(
+                "the decoder", features,
+                lambda backend, batch=batch: backend.decode(features, batch, decoding.threshold, boxes, labels),
             )
             self.stats.decoder_runs += 1
             for phrase, found in zip(chunk, detections):

@@ -69,6 +69,9 @@ class Detections:
     mask_probs: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor
+    finite: bool = True
+    """False when a raw output (a logit or box of any query, kept or not) was NaN or infinite: a NaN
+    score fails every threshold, so dropped queries would hide an fp16 overflow (`promptseg.overflow`)."""
 
 
 @runtime_checkable

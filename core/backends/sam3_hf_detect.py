@@ -65,6 +65,7 @@ def detect(
     )[0, ..., 0]
     scores = logits.float().sigmoid() * decoder.presence_logits[-1].float().sigmoid()
     keep = scores > threshold
+    finite = all(bool(torch.isfinite(t).all()) for t in (logits, offsets, decoder.presence_logits[-1]))
     wanted = torch.nonzero(keep.any(dim=0)).flatten()  # queries some prompt keeps
     masks = None
     if len(wanted):
@@ -76,7 +77,9 @@ def detect(
     for b in range(scores.shape[0]):
         rows = keep[b][wanted]
         probs = masks[b][rows].float().sigmoid() if masks is not None else _no_masks(levels[0], scores)
-        results.append(Detections(mask_probs=probs, boxes=pred_boxes[b][keep[b]].float(), scores=scores[b][keep[b]]))
+        results.append(Detections(
+            mask_probs=probs, boxes=pred_boxes[b][keep[b]].float(), scores=scores[b][keep[b]], finite=finite
+        ))
     return results
 
 
