@@ -21,6 +21,7 @@ speed record with SAM 3 and Meta runs SAM 3 in bf16, not fp16. ``PROMPTSEG_DTYPE
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 
@@ -214,3 +215,13 @@ def prompt_batch_for(device: torch.device) -> int:
     batch is slower per prompt than one at a time (full SAM 3: 2.3 s against 2.0 s per prompt,
     `bench/cpu_speed.py`), eight on a GPU, where a batch fills the device."""
     return 1 if device.type == "cpu" else 8
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Hand memory freed by dropped tensors back to the device (CUDA's and MPS's allocators keep
+    freed blocks for reuse, so another process or model cannot have them otherwise)."""
+    gc.collect()  # tensors held only in reference cycles go first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

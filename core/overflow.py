@@ -116,6 +116,6 @@ class OverflowGuard:
         return True
 
     def release(self) -> None:
-        """Drop the twin (its weights) and what it knows."""
+        """Drop the twin (its weights) and what it knows of overflowing images."""
         self._safe = None
         self.overflowing.clear()

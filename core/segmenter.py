@@ -163,6 +163,20 @@ class Segmenter:
         self.stats = EncoderStats()
         self._lock = threading.RLock()
 
+    def close(self) -> None:
+        """Free the model, its fp32 twin and the in-memory caches, on the device too (the disk cache
+        stays). A closed segmenter refuses further calls; load another with `load_segmenter`."""
+        from promptseg.device import release_device_memory
+
+        with self._lock:
+            device = self.device
+            self.backend = self.guard.backend = ClosedBackend(self.model_name)
+            self.guard.release()
+            self.cache.release()
+            self.text_cache.clear()
+            self.clip = None
+        release_device_memory(device)
+
     @property
     def device(self) -> torch.device:
         return self.backend.device
@@ -684,6 +698,19 @@ class Segmenter:
                     found.mask_probs, found.scores, found.boxes, phrase, image_size, decoding.mask_threshold
                 )
         return instances
+
+
+class ClosedBackend:
+    """Stands in for the model of a closed segmenter: every use says what happened and what to do."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+
+    def __getattr__(self, name: str) -> Any:
+        raise ModelLoadError(
+            f"This segmenter ({self._model_name}) was closed and its model freed: load it again with "
+            "promptseg.load_segmenter (or shared_segmenter)."
+        )
 
 
 @dataclass(frozen=True)

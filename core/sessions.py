@@ -69,10 +69,12 @@ def shared_segmenter(model: str | None = None, device: Any = "auto", dtype: Any 
     with _lock:
         if _entries.get(key) is entry:
             _entries.move_to_end(key)  # a finished load counts as the latest use
+        dropped = []
         while len(_entries) > MAX_SHARED:
-            dropped, _ = _entries.popitem(last=False)
-            logger.info("Dropping shared segmenter %s (keeping the %d most recently used)",
-                        dict(dropped)["model"], MAX_SHARED)
+            key, entry = _entries.popitem(last=False)
+            logger.info("Dropping shared segmenter %s (keeping the %d most recently used)", dict(key)["model"], MAX_SHARED)
+            dropped.append(entry)
+    _release(dropped)
     return segmenter
 
 
@@ -82,7 +84,27 @@ def clear_shared_segmenters() -> None:
     Memory is freed once no run still holds a segmenter; a load under way finishes for its callers.
     """
     with _lock:
+        dropped = list(_entries.values())
         _entries.clear()
+    _release(dropped)
+
+
+def _release(entries: list[Future]) -> None:
+    """Free what dropped segmenters hold on their device once no caller holds them: their caches now
+    (a caller still using one recomputes what it needs), their model when the last reference goes."""
+    from promptseg.device import release_device_memory
+
+    devices = set()
+    while entries:  # emptied as it goes, so the caller's list keeps nothing alive
+        entry = entries.pop()
+        if entry.done() and entry.exception() is None:
+            segmenter = entry.result()
+            segmenter.cache.release()
+            devices.add(segmenter.device)
+            del segmenter
+        del entry
+    for device in devices:
+        release_device_memory(device)
 
 
 def _key(load, model, device, dtype, load_options: dict[str, Any]) -> tuple:
