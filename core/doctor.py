@@ -25,28 +25,7 @@ def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = 
     import torch
 
     out(OK, "torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-    from promptseg.device import auto_dtype, dtype_name, native_cpu_bf16, resolve_device
-
-    device = resolve_device("auto")
-    out(OK, "device='auto'", str(device))
-    dtype, why = auto_dtype(device)
-    out(OK, "dtype='auto'", f"{dtype_name(dtype)}: {why}")
-    if torch.cuda.is_available():
-        out(OK, "CUDA", f"{torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
-    else:
-        out(WARN, "CUDA", "not available: the CPU runs full-size SAM 3 at about 35 s per new image in fp32, 16 s in bf16")
-    cores = os.cpu_count() or 1
-    out(OK if torch.get_num_threads() <= cores else WARN, "torch threads",
-        f"{torch.get_num_threads()} for {cores} CPU core(s); one model call runs at a time per loaded model "
-        "(set OMP_NUM_THREADS to cores / processes when several processes share the machine)")
-    native = native_cpu_bf16()
-    for dtype in (torch.bfloat16, torch.float16):
-        try:
-            (torch.ones(4, 4, dtype=dtype) @ torch.ones(4, 4, dtype=dtype)).sum().item()
-            speed = f"native ({native})" if dtype == torch.bfloat16 and native else "emulated, slower than fp32"
-            out(OK, f"{dtype_name(dtype)} on CPU", f"runs, {speed}")
-        except RuntimeError as exc:
-            out(WARN, f"{dtype_name(dtype)} on CPU", str(exc).splitlines()[0])
+    _check_devices(out)
     try:
         import transformers
 
@@ -74,6 +53,93 @@ def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = 
     healthy &= _check_model(model, out)
     healthy &= _tiny_run(out)
     return healthy
+
+
+def _check_devices(out) -> None:
+    """The device "auto" picks, the precision it will use and why, and what each device can run."""
+    import torch
+
+    from promptseg.device import auto_dtype, dtype_name, resolve_device
+
+    device = resolve_device("auto")
+    out(OK, "device='auto'", str(device))
+    dtype, why = auto_dtype(device)
+    out(OK, "dtype='auto'", f"{dtype_name(dtype)}: {why}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            _check_cuda(torch.device("cuda", index), out)
+    else:
+        out(WARN, "CUDA", "not available: the CPU runs full-size SAM 3 at about 35 s per new image in fp32, 16 s in bf16")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        _check_mps(out)
+    _check_cpu(out)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 1024**3:.1f} GiB"
+
+
+def _check_cuda(device, out) -> None:
+    import torch
+
+    from promptseg.device import native_cuda_bf16
+
+    major, minor = torch.cuda.get_device_capability(device.index)
+    free, total = torch.cuda.mem_get_info(device.index)
+    bf16 = "native" if native_cuda_bf16(device) else "emulated (slow; fp16 is used)"
+    out(OK if free >= 3 * 1024**3 else WARN, f"CUDA {device}",
+        f"{torch.cuda.get_device_name(device.index)}, compute capability {major}.{minor}, bf16 {bf16}, "
+        f"{_gib(free)} free of {_gib(total)} (SAM 3's weights take 1.6 GiB in fp16)")
+
+
+def _check_mps(out) -> None:
+    import torch
+
+    from promptseg.device import MPS_ANTIALIAS_MIN_TORCH, MPS_MIN_TORCH, torch_version
+
+    version = torch_version()
+    able = [name for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if version >= MPS_MIN_TORCH[dtype]]
+    resize = "on the GPU" if version >= MPS_ANTIALIAS_MIN_TORCH else "on the CPU (torch 2.7 adds it on MPS)"
+    memory = torch.mps.recommended_max_memory() if hasattr(torch.mps, "recommended_max_memory") else None
+    out(OK, "Apple MPS", f"fp32 by default; {', '.join(able) or 'no lower precision'} on request with torch "
+        f"{torch.__version__} (bf16 also needs macOS 14); antialiased resize {resize}"
+        + (f"; {_gib(memory)} recommended for the GPU" if memory else ""))
+
+
+def _check_cpu(out) -> None:
+    import torch
+
+    from promptseg.device import dtype_name, native_cpu_bf16
+
+    cores = os.cpu_count() or 1
+    out(OK if torch.get_num_threads() <= cores else WARN, "torch threads",
+        f"{torch.get_num_threads()} for {cores} CPU core(s); one model call runs at a time per loaded model "
+        "(set OMP_NUM_THREADS to cores / processes when several processes share the machine)")
+    native = native_cpu_bf16()
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            (torch.ones(4, 4, dtype=dtype) @ torch.ones(4, 4, dtype=dtype)).sum().item()
+            speed = f"native ({native})" if dtype == torch.bfloat16 and native else "emulated, slower than fp32"
+            out(OK, f"{dtype_name(dtype)} on CPU", f"runs, {speed}")
+        except RuntimeError as exc:
+            out(WARN, f"{dtype_name(dtype)} on CPU", str(exc).splitlines()[0])
+    available = _available_host_memory()
+    if available is not None:
+        out(OK if available >= 8 * 1024**3 else WARN, "host memory",
+            f"{_gib(available)} available (SAM 3's weights take 3.2 GiB in fp32, 1.6 GiB in bf16; the embedding "
+            "cache up to 2 GiB more)")
+
+
+def _available_host_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
 
 
 def _check_model(model: str | None, out) -> bool:
