@@ -4,7 +4,8 @@
 ViT and a one-layer text transformer using CLIP's BPE), builds it, and writes both a weights file
 (load as ``NAME/PATH``) and an open_clip ``local-dir`` (load as ``local-dir:DIR``).
 ``multilingual=True`` swaps in a tiny xlm-roberta text tower built from a local transformers
-config and a word-piece tokenizer trained on the spot, so nothing is downloaded.
+config and a word-piece tokenizer made on the spot, so nothing is downloaded. Both models are
+the same on every run (seeded weights, a fixed vocabulary).
 """
 
 from __future__ import annotations
@@ -68,17 +69,12 @@ def make_random_clip(directory: str | Path, multilingual: bool = False, seed: in
 
 def _write_tiny_xlmr(directory: Path) -> None:
     """A 1-layer xlm-roberta config plus a word-piece tokenizer, both saved in `directory`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
 
-    from promptseg.clip.vocabulary import default_vocabulary
-
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.WordPiece(vocab=_word_pieces(), unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=4000, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    corpus = list(default_vocabulary()) + ["红色的汽车", "一只猫", "собака", "voiture rouge", "犬"]
-    tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
@@ -90,3 +86,19 @@ def _write_tiny_xlmr(directory: Path) -> None:
         vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=40, pad_token_id=1, bos_token_id=0, eos_token_id=2,
     ).save_pretrained(directory)
+
+
+def _word_pieces() -> dict[str, int]:
+    """Every word of the shipped vocabulary and a few non-English prompts, then every character
+    alone and as a continuation, in sorted order: the same ids on every run (a trained
+    vocabulary orders tied pieces differently from run to run, and the random weights follow)."""
+    from tokenizers import pre_tokenizers
+
+    from promptseg.clip.vocabulary import default_vocabulary
+
+    corpus = list(default_vocabulary()) + ["红色的汽车", "一只猫", "собака", "voiture rouge", "犬"]
+    split = pre_tokenizers.BertPreTokenizer().pre_tokenize_str
+    words = sorted({word for text in corpus for word, _ in split(text)})
+    characters = sorted({char for word in words for char in word})
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", *words, *characters, *(f"##{char}" for char in characters)]
+    return {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
