@@ -30,7 +30,6 @@ MULTILINGUAL_CLIP = "xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k"
 # Hugging Face text towers trained on many languages (xlm-roberta, NLLB = m2m_100, mT5)
 MULTILINGUAL_TYPES = ("xlm-roberta", "m2m_100", "mt5", "nllb")
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch dtype name -> open_clip
 HELP = (
     "Name a CLIP as NAME/TAG (e.g. {default}, fetched once from the hub), NAME/PATH to a weights "
     "file, hf-hub:ORG/REPO, or local-dir:DIR (open_clip_config.json + weights)."
@@ -104,13 +103,13 @@ def load(
     import torch
 
     dtype = dtype or torch.float32
-    name, weights, model_id = parse_model(model, pretrained)
-    precision = PRECISIONS.get(str(dtype).removeprefix("torch."))
-    if precision is None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ModelLoadError(f"Unsupported CLIP dtype {dtype}: use fp32, fp16 or bf16.")
+    device = torch.device(device)
+    name, weights, model_id = parse_model(model, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, precision=precision, device=device, cache_dir=cache_dir,
+            name, pretrained=weights, precision="fp32", device=device, cache_dir=cache_dir,
             pretrained_text=False, pretrained_image=False, require_pretrained=True,
         )
         tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
@@ -118,7 +117,27 @@ def load(
         raise
     except Exception as exc:
         raise ModelLoadError(_explain(model, exc)) from exc
-    return OpenClipBackend(clip.eval(), preprocess, tokenizer, model_id, torch.device(device), dtype)
+    logit_scale = float(clip.logit_scale.exp().clamp(max=100).item())  # read before a cast rounds it
+    place_model(clip, device, dtype)
+    return OpenClipBackend(clip.eval(), preprocess, tokenizer, model_id, device, dtype, logit_scale)
+
+
+def place_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Put every floating parameter and buffer of `model` on `device` in `dtype`, and the tensors
+    held as plain attributes on `device` too.
+
+    The whole model is cast, not only some layer types: open_clip's own low-precision mode casts
+    Linear, Conv and attention weights and leaves the rest in fp32, which its own towers handle
+    but a Hugging Face text tower (xlm-roberta, mT5) or a timm one does not: their fp32
+    embeddings and LayerNorms meet fp16 weights and `encode_text` fails ("mat1 and mat2 must have
+    the same dtype"). One cast works for every tower and halves the memory; LayerNorm and softmax
+    kernels accumulate in fp32 internally on CUDA and the CPU, so embeddings stay within the
+    tolerances `tests/test_clip_precision.py` states.
+    """
+    from promptseg.placement import move_plain_tensors
+
+    model.to(device=device, dtype=dtype)
+    move_plain_tensors(model, device)
 
 
 def _explain(model: str, exc: Exception) -> str:
@@ -164,7 +183,10 @@ class OpenClipBackend:
 
     name = NAME
 
-    def __init__(self, model, preprocess, tokenizer, model_id: str, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, model, preprocess, tokenizer, model_id: str, device: torch.device, dtype: torch.dtype,
+        logit_scale: float | None = None,
+    ):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -175,7 +197,9 @@ class OpenClipBackend:
         size = cfg.get("size") or getattr(model.visual, "image_size", 224)
         self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.fill = tuple(int(round(255 * m)) for m in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
+        if logit_scale is None:
+            logit_scale = float(model.logit_scale.float().exp().clamp(max=100).item())
+        self.logit_scale = logit_scale
         self.multilingual = _is_multilingual(model)
 
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
