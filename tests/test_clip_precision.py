@@ -29,6 +29,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from tolerance import LOW_PRECISION
 
 from promptseg.clip.vocabulary import default_vocabulary
@@ -146,7 +147,8 @@ def test_multilingual_text_tower_encodes_in_half_precision(tiny_clips, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cached_embeddings_are_kept_apart_by_precision(tiny_clips, tmp_path, rgb_image, dtype):
-    """One disk cache for both precisions: a half-precision scorer never reads fp32's entries."""
+    """One disk cache for both precisions: a half-precision scorer never reads fp32's entries, and
+    each entry names the precision and the kind of device that made it."""
     from promptseg.clip import load_clip
     from promptseg.clip.suggest import suggest_prompts
 
@@ -159,6 +161,9 @@ def test_cached_embeddings_are_kept_apart_by_precision(tiny_clips, tmp_path, rgb
     again = load_clip(tiny_clips["standard"], device="cpu", dtype=dtype, cache_dir=tmp_path)
     suggest_prompts(again, rgb_image, vocabulary, k=3)
     assert again.stats.image_encoder_runs == 0 and again.stats.text_encoder_runs == 0
+    entries = [safe_open(path, "pt").metadata() for path in tmp_path.rglob("*.safetensors")]
+    assert sorted((e["kind"], e["dtype"], e["device"]) for e in entries) == sorted(
+        (kind, precision, "cpu") for kind in ("image", "vocabulary") for precision in ("fp32", dtype))
 
 
 # ---- every CLIP path of segment, in fp16 and bf16 -------------------------------------------------

@@ -1,8 +1,9 @@
 """`load_clip` and `ClipScorer`: CLIP embeddings of texts, whole images and masked instance crops.
 
 Every embedding is cached the way SAM 3's are: keyed by a content hash plus the CLIP model's
-identity and precision. Texts and crops stay in memory; whole-image and vocabulary embeddings
-also go to the disk cache, so `suggest_prompts` on a seen image costs no model run.
+identity, the precision it runs in and the kind of device. Texts and crops stay in memory;
+whole-image and vocabulary embeddings also go to the disk cache, so `suggest_prompts` on a seen
+image costs no model run.
 A crop shows the instance's tight box with a margin of context, every pixel outside the mask
 set to CLIP's mean colour (neutral after normalisation), padded to a square so the model's
 centre crop cuts nothing off.
@@ -110,8 +111,15 @@ class ClipScorer:
             "clip_dtype": dtype_name(self.backend.dtype),
         }
 
+    def _key_parts(self, kind: str, **content: str) -> dict[str, str]:
+        """Everything that changes a CLIP embedding: backend, weights, the precision the model runs
+        in, the kind of device (a GPU rounds differently from a CPU, so a shared disk cache keeps
+        them apart), and what was embedded."""
+        return {"backend": self.backend.name, "model": self.model_id, "dtype": dtype_name(self.backend.dtype),
+                "device": torch.device(self.backend.device).type, "kind": kind, **content}
+
     def _prefix(self) -> str:
-        return f"{self.backend.name}|{self.model_id}|{dtype_name(self.backend.dtype)}"
+        return "|".join(self._key_parts("text").values())
 
     def text_embeddings(self, texts: Sequence[str], templates: Sequence[str] | None = OBJECT_TEMPLATES) -> torch.Tensor:
         """``(N, D)`` embeddings of texts; with `templates`, the normalised mean over the templates."""
@@ -136,9 +144,7 @@ class ClipScorer:
     def vocabulary_embeddings(self, phrases: Sequence[str], templates: Sequence[str] | None) -> torch.Tensor:
         """Embeddings of a whole vocabulary as one tensor, cached on disk under the list's hash."""
         phrases = list(phrases)
-        parts = {"backend": self.backend.name, "model": self.model_id, "dtype": dtype_name(self.backend.dtype),
-                 "kind": "vocabulary", "templates": "||".join(templates or ()),
-                 "phrases": make_key(phrases=phrases)}
+        parts = self._key_parts("vocabulary", templates="||".join(templates or ()), phrases=make_key(phrases=phrases))
         key = make_key(**parts)
         with self._lock:
             found, _ = self.cache.get(key, parts)
@@ -155,8 +161,7 @@ class ClipScorer:
         keys = []
         with self._lock:
             for index, rgb in enumerate(images):
-                parts = {"backend": self.backend.name, "model": self.model_id,
-                         "dtype": dtype_name(self.backend.dtype), "kind": "image", "pixels": pixel_hash(rgb)}
+                parts = self._key_parts("image", pixels=pixel_hash(rgb))
                 key = make_key(**parts)
                 keys.append((key, parts))
                 if disk:
