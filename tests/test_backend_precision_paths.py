@@ -12,6 +12,7 @@ Every query is kept (``threshold=0``) so the decoders' outputs line up one to on
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -163,3 +164,38 @@ def test_visual_prompts(segmenters, monkeypatch, rgb_image, backend, dtype):
     assert lower[-1].info["window_kind"] == reference[-1].info["window_kind"]
     for result in [*reference, *lower]:
         assert all(math.isfinite(instance.score) for instance in [*result.instances, *result.alternatives])
+
+
+# -- fp16 overflow on the Meta backend -------------------------------------------------------------
+
+def overflow_decoder_ffn(model) -> None:
+    """The first DETR decoder layer's feed-forward output at ~6e5: infinite in fp16 (then NaN after its
+    LayerNorm), finite in fp32."""
+    layer = model.transformer.decoder.layers[0]
+    with torch.no_grad():
+        layer.linear1.bias.fill_(100)
+        layer.linear2.weight.fill_(100)
+
+
+def test_meta_backend_fp16_decoder_overflow_is_redone_in_fp32(checkpoints, rgb_image, caplog):
+    """Every score NaN fails every threshold: the backend flags it, and the call is redone on an fp32
+    twin that shares the (fp32) weights, within fp16's tolerances of an fp32 model (the embedding is
+    fp16's)."""
+    half, reference = (promptseg.load_segmenter(checkpoints["meta"], device="cpu", dtype=dtype, cache_dir=False)
+                       for dtype in ("fp16", "fp32"))
+    for segmenter in (half, reference):
+        overflow_decoder_ffn(segmenter.backend.model)
+    features, _ = half.embed(rgb_image)
+    texts = half.text_embeddings(PROMPTS)
+    raw = half.backend.decode(features, texts, 0.0)
+    assert [(found.finite, len(found.scores)) for found in raw] == [(False, 0)] * len(PROMPTS)  # nothing kept
+    with caplog.at_level(logging.WARNING, logger="promptseg.overflow"):
+        redone = half.guard.run("the decoder", features, lambda backend: backend.decode(features, texts, 0.0))
+    assert "fp16 overflowed in the decoder" in caplog.text and "redoing it in fp32" in caplog.text
+    twin = half.guard.safe_backend()
+    assert twin.dtype == torch.float32 and twin.model is half.backend.model and twin.tracker is half.backend.tracker
+    expected_features, _ = reference.embed(rgb_image)
+    expected = reference.backend.decode(expected_features, reference.text_embeddings(PROMPTS), 0.0)
+    assert all(found.finite for found in expected)
+    assert_low_precision_close(expected, redone, "fp16")
+    assert_finite_scores(half.segment(rgb_image, PROMPTS, threshold=0.0))

@@ -71,6 +71,12 @@ class Sam3MetaBackend:
         self.d_model = int(d_model)
         self._positions: dict[tuple, torch.Tensor] = {}
 
+    def with_dtype(self, dtype: torch.dtype) -> Sam3MetaBackend:
+        """This model in another precision, e.g. to redo a call whose fp16 output overflowed. The weights
+        are fp32 in every precision (the precision is autocast's), so the two share them: no memory."""
+        return Sam3MetaBackend(self.model, self.input_size[0], self.model_id, self.device, dtype,
+                               patch_size=self.patch_size, d_model=self.d_model, tracker=self.tracker)
+
     @contextmanager
     def _redirect(self):
         """Calls into the package: on this device, in this precision."""
@@ -211,11 +217,17 @@ class Sam3MetaBackend:
             out = self.model.forward_grounding(
                 backbone_out=backbone_out, find_input=find, find_target=None, geometric_prompt=prompt
             )
-        return split_detections(
+        detections = split_detections(
             out["pred_logits"].squeeze(-1), out["presence_logit_dec"], out["pred_masks"],
             out["pred_boxes_xyxy"].clamp(0, 1),  # boxes from cxcywh may overhang the image
             threshold,
         )
+        # a NaN score fails every threshold: say so, or an fp16 overflow would look like an empty image
+        finite = all(bool(torch.isfinite(out[name]).all()) for name in ("pred_logits", "presence_logit_dec",
+                                                                        "pred_boxes_xyxy"))
+        for found in detections:
+            found.finite = finite
+        return detections
 
     def _geometry(self, batch: int, boxes: torch.Tensor | None, labels: torch.Tensor | None):
         """Exemplar boxes as the package's geometric prompt (cxcywh, sequence first)."""
