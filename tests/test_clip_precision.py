@@ -24,13 +24,14 @@ fp32 only where the fp32 quantity lies within its tolerance of the cut.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tolerance import LOW_PRECISION
+from tolerance import FLOAT_ATOL, LOW_PRECISION
 
 from promptseg.clip.vocabulary import default_vocabulary
 
@@ -285,3 +286,48 @@ def test_multilingual_prompt_in_low_precision_maps_and_scores_like_fp32(clip_pai
         full = segmenter.segment(rgb_image, prompt, threshold=0.0)
     assert full.info["clip"]["mapped_prompts"] == {prompt: phrase}
     assert_similarities_close(low, full, dtype)
+
+
+# ---- fp16 overflow ------------------------------------------------------------------------------
+
+
+def overflow_mlp(block) -> None:
+    """The block's MLP output at ~1.3e6 (100 x 100 x 128 hidden units): infinite in fp16, finite in fp32."""
+    with torch.no_grad():
+        block.mlp.c_fc.bias.fill_(100)
+        block.mlp.c_proj.weight.fill_(100)
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_fp16_overflow_moves_the_clip_to_fp32_with_one_warning(tiny_clips, tmp_path, rgb_image, caplog, tower):
+    """The reference is an fp32 CLIP holding the same fp16-rounded, equally modified weights: what
+    the scorer computes after the move matches it within the float32 tolerance."""
+    from promptseg.clip import VOCABULARY_TEMPLATES, load_clip
+    from promptseg.clip.suggest import suggest_prompts
+
+    half = load_clip(tiny_clips["standard"], device="cpu", dtype="fp16", cache_dir=tmp_path)
+    reference = fp32_clip(tiny_clips["standard"])
+    reference.backend.model.load_state_dict({k: v.float() for k, v in half.backend.model.state_dict().items()})
+    for model in (half.backend.model, reference.backend.model):
+        overflow_mlp(model.transformer.resblocks[0] if tower == "text" else model.visual.transformer.resblocks[0])
+    raw = half.backend.encode_text(["cat"]) if tower == "text" else half.backend.encode_images([rgb_image])
+    assert not torch.isfinite(raw).all()  # the injection really overflows fp16
+
+    vocabulary = ["cat", "dog", "car"]
+    with caplog.at_level(logging.WARNING, logger="promptseg.clip.scorer"):
+        ranked = suggest_prompts(half, rgb_image, vocabulary, k=3)
+        half.text_embeddings(["bird"])
+        half.crop_embeddings(rgb_image, [])
+    warned = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    assert len(warned) == 1 and f"CLIP's {tower} tower" in warned[0] and "runs in fp32" in warned[0]
+    assert half.describe()["clip_dtype"] == "fp32" and all(np.isfinite(p) for _, p in ranked)
+
+    if tower == "text":
+        moved, expected = (s.text_embeddings(vocabulary, VOCABULARY_TEMPLATES) for s in (half, reference))
+    else:
+        moved, expected = (s.image_embeddings([rgb_image], disk=True) for s in (half, reference))
+    torch.testing.assert_close(moved, expected, atol=FLOAT_ATOL, rtol=0)
+    entries = {(e["kind"], e["dtype"]) for e in
+               (safe_open(path, "pt").metadata() for path in tmp_path.rglob("*.safetensors"))}
+    # the image is encoded first: in fp16 when only the text tower overflows
+    assert entries == {("image", "fp16" if tower == "text" else "fp32"), ("vocabulary", "fp32")}

@@ -202,6 +202,15 @@ class OpenClipBackend:
         self.logit_scale = logit_scale
         self.multilingual = _is_multilingual(model)
 
+    def with_dtype(self, dtype: torch.dtype) -> "OpenClipBackend":
+        """This CLIP in another precision, on a copy of the weights: where the scorer moves when
+        fp16 overflows (`promptseg.clip.scorer`)."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        place_model(model, self.device, dtype)
+        return type(self)(model, self.preprocess, self.tokenizer, self.model_id, self.device, dtype, self.logit_scale)
+
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """``(N, D)`` unit-length embeddings of RGB uint8 pictures (already square-padded)."""
         import torch

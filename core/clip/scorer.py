@@ -7,10 +7,17 @@ image costs no model run.
 A crop shows the instance's tight box with a margin of context, every pixel outside the mask
 set to CLIP's mean colour (neutral after normalisation), padded to a square so the model's
 centre crop cuts nothing off.
+
+fp16 overflow: an fp16 CLIP whose embedding comes out non-finite (an activation above 65504)
+moves for good to a copy in a precision with fp32's range (`promptseg.device.safe_dtype`), with
+a warning, and the call starts again there. For good, not per call as for SAM 3: a CLIP is small,
+its fp16 copy is freed, and the embeddings made from then on all come from one precision (the cache
+keys name it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -22,7 +29,7 @@ import torch
 
 from promptseg.backends.protocol import ScorerBackend
 from promptseg.cache import EmbeddingCache, MemoryCache, make_key, open_disk_cache
-from promptseg.device import dtype_name
+from promptseg.device import dtype_name, safe_dtype
 from promptseg.images import pixel_hash
 from promptseg.results import Instance
 
@@ -33,6 +40,8 @@ VOCABULARY_TEMPLATES = ("a photo of a {}.",)
 CROP_MARGIN = 0.1
 """Context kept around an instance's box, as a fraction of its longer side."""
 CROP_BATCH = 32
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,6 +130,23 @@ class ClipScorer:
     def _prefix(self) -> str:
         return "|".join(self._key_parts("text").values())
 
+    def _encode(self, tower: str, call) -> torch.Tensor | None:
+        """`call(backend)`, or None when fp16 overflowed in it and the scorer has just moved to a
+        safe precision (the caller then starts again, so its keys name the new precision)."""
+        encoded = call(self.backend)
+        if self.backend.dtype != torch.float16 or bool(torch.isfinite(encoded).all()):
+            return encoded
+        make = getattr(self.backend, "with_dtype", None)
+        if make is None:
+            logger.warning("fp16 overflowed in CLIP's %s (non-finite embeddings) and the %s backend cannot change "
+                           "precision: load the CLIP with dtype='bf16' or 'fp32'.", tower, self.backend.name)
+            return encoded
+        self.backend = make(safe_dtype(self.backend.device))
+        logger.warning("fp16 overflowed in CLIP's %s (non-finite embeddings): CLIP %s runs in %s from now on. "
+                       "Load it with dtype='%s' to skip the fp16 attempt.", tower, self.model_name,
+                       dtype_name(self.backend.dtype), dtype_name(self.backend.dtype))
+        return None
+
     def text_embeddings(self, texts: Sequence[str], templates: Sequence[str] | None = OBJECT_TEMPLATES) -> torch.Tensor:
         """``(N, D)`` embeddings of texts; with `templates`, the normalised mean over the templates."""
         texts = list(texts)
@@ -133,7 +159,10 @@ class ClipScorer:
             for start in range(0, len(missing), 256):
                 chunk = missing[start : start + 256]
                 filled = [form.format(text) for text in chunk for form in forms]
-                encoded = self.backend.encode_text(filled).reshape(len(chunk), len(forms), -1).mean(dim=1)
+                encoded = self._encode("text tower", lambda backend: backend.encode_text(filled))
+                if encoded is None:
+                    return self.text_embeddings(texts, templates)
+                encoded = encoded.reshape(len(chunk), len(forms), -1).mean(dim=1)
                 encoded = torch.nn.functional.normalize(encoded, dim=-1)
                 self.stats.text_encoder_runs += 1
                 self.stats.texts_encoded += len(filled)
@@ -144,14 +173,17 @@ class ClipScorer:
     def vocabulary_embeddings(self, phrases: Sequence[str], templates: Sequence[str] | None) -> torch.Tensor:
         """Embeddings of a whole vocabulary as one tensor, cached on disk under the list's hash."""
         phrases = list(phrases)
-        parts = self._key_parts("vocabulary", templates="||".join(templates or ()), phrases=make_key(phrases=phrases))
-        key = make_key(**parts)
+
+        def parts() -> dict[str, str]:
+            return self._key_parts("vocabulary", templates="||".join(templates or ()),
+                                   phrases=make_key(phrases=phrases))
+
         with self._lock:
-            found, _ = self.cache.get(key, parts)
+            found, _ = self.cache.get(make_key(**parts()), parts())
             if found is not None:
                 return found["embeddings"]
             embeddings = self.text_embeddings(phrases, templates)
-            self.cache.put(key, {"embeddings": embeddings}, parts)
+            self.cache.put(make_key(**parts()), {"embeddings": embeddings}, parts())  # the precision they ran in
             return embeddings
 
     def image_embeddings(self, images: Sequence[np.ndarray], disk: bool = False) -> torch.Tensor:
@@ -174,7 +206,10 @@ class ClipScorer:
                     todo.append(index)
             for start in range(0, len(todo), CROP_BATCH):
                 chunk = todo[start : start + CROP_BATCH]
-                encoded = self.backend.encode_images([square_pad(images[i], self.backend.fill) for i in chunk])
+                squares = [square_pad(images[i], self.backend.fill) for i in chunk]
+                encoded = self._encode("image tower", lambda backend: backend.encode_images(squares))
+                if encoded is None:
+                    return self.image_embeddings(images, disk)
                 self.stats.image_encoder_runs += 1
                 self.stats.images_encoded += len(chunk)
                 for index, row in zip(chunk, encoded):
