@@ -25,6 +25,12 @@ logits and ``(K,)`` predicted IoUs; points and box in pixels of the model input 
 mask a float ``(H, W)`` of the image; ``visual_prompts_help`` may say what to load when it is False.
 Both SAM 3 backends do when their checkpoint holds the tracker (`promptseg.backends.sam3_hf`,
 `promptseg.backends.meta`).
+
+Any backend (segmentation or scorer) may offer ``with_dtype(dtype)``: the same model in another
+precision. In fp16 the core redoes a call whose outputs are not finite on that twin
+(`promptseg.overflow`); without it the overflow is only reported. A segmentation backend that drops
+queries below the threshold sets ``Detections.finite`` from the raw outputs, since a NaN score
+never passes a threshold and would hide the overflow.
 """
 
 from __future__ import annotations
