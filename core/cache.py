@@ -33,7 +33,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 DEFAULT_DISK_BYTES = 20 * 1024**3
 

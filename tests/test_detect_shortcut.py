@@ -101,3 +101,27 @@ def test_mask_decoder_runs_only_for_kept_queries_and_not_at_all_when_none_passes
     assert seen == [(len(PROMPTS), queries, seen[0][2]), (len(PROMPTS), int(union.sum()), seen[0][2])]
     assert all(len(d.scores) == 0 and d.mask_probs.shape[0] == 0 for d in none)
     assert none[0].mask_probs.shape[1:] == everything[0].mask_probs.shape[1:]
+
+
+def test_first_self_attention_is_cached_with_the_image_and_run_once(cached):
+    """The DETR encoder's first self-attention block runs with the image encoder, not per prompt; an
+    embedding without it (made elsewhere) gets it computed, with the same detections."""
+    from promptseg.backends.sam3_hf_detect import FIRST_SELF_ATTENTION
+
+    segmenter, features = cached
+    assert FIRST_SELF_ATTENTION in features
+    rows = segmenter.backend.input_size[0] // segmenter.backend.model.config.vision_config.backbone_config.patch_size
+    assert features[FIRST_SELF_ATTENTION].shape[1] == rows * rows
+    texts = segmenter.text_embeddings(PROMPTS)
+    attention = segmenter.backend.model.detr_encoder.layers[0].self_attn
+    calls = []
+    hook = attention.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with_cached = segmenter.backend.decode(features, texts, 0.0)
+        assert calls == []  # every prompt of the batch reuses the image's block
+        without = {k: v for k, v in features.items() if k != FIRST_SELF_ATTENTION}
+        computed = segmenter.backend.decode(without, texts, 0.0)
+        assert calls == [1]
+    finally:
+        hook.remove()
+    assert_detections_close(computed, with_cached)

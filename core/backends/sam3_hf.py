@@ -238,10 +238,15 @@ class Sam3Backend:
     def encode_image(self, pixel_values: torch.Tensor) -> Tensors:
         import torch
 
+        from promptseg.backends.sam3_hf_detect import FIRST_SELF_ATTENTION, first_self_attention
+
         with torch.inference_mode():
             output = self.model.get_vision_features(pixel_values=pixel_values)
             levels = output.fpn_hidden_states[:-1]  # the last level is never consumed by forward
             embedding = {f"fpn_{i}": level for i, level in enumerate(levels)}
+            embedding[FIRST_SELF_ATTENTION] = first_self_attention(  # the one prompt-free part of the DETR encoder
+                self.model.detr_encoder, levels[-1], self._position(levels[-1])
+            )
             if self.tracker is not None:  # the tracker's neck on the same trunk output: no second trunk run
                 embedding.update(self._tracker_levels(output.last_hidden_state, pixel_values.shape[-2:]))
         return embedding
@@ -300,6 +305,10 @@ class Sam3Backend:
         spec = sam3_embedding_spec(
             self.input_size, vision.backbone_config.patch_size, vision.fpn_hidden_size, scales, self.dtype
         )
+        from promptseg.backends.sam3_hf_detect import FIRST_SELF_ATTENTION
+
+        rows, cols = (side // vision.backbone_config.patch_size for side in self.input_size)
+        spec[FIRST_SELF_ATTENTION] = ((1, rows * cols, self.model.config.detr_encoder_config.hidden_size), self.dtype)
         if self.tracker is not None:
             decoder = self.tracker.mask_decoder
             channels = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels, vision.fpn_hidden_size)
@@ -372,7 +381,7 @@ class Sam3Backend:
         import torch
 
         from promptseg.backends.sam3_common import exemplar_inputs
-        from promptseg.backends.sam3_hf_detect import detect
+        from promptseg.backends.sam3_hf_detect import FIRST_SELF_ATTENTION, detect
 
         batch = len(texts)
         count = sum(name.startswith("fpn_") for name in image)
@@ -386,7 +395,9 @@ class Sam3Backend:
             cxcywh, labels = exemplar_inputs(boxes, box_labels, self.device, self.dtype)
             exemplars = {"boxes": cxcywh[None].expand(batch, -1, -1), "box_labels": labels[None].expand(batch, -1)}
         with torch.inference_mode():
-            return detect(self.model, levels, positions, features, mask, threshold, **exemplars)
+            first = image.get(FIRST_SELF_ATTENTION)  # absent from an embedding made elsewhere: computed then
+            first = first.to(self.device, self.dtype) if first is not None else None
+            return detect(self.model, levels, positions, features, mask, threshold, first=first, **exemplars)
 
     def position_encoding(self, level: torch.Tensor) -> torch.Tensor:
         """The detector's positional encoding of one FPN level (it depends on the level's size only)."""
