@@ -12,7 +12,8 @@ One image, the same prompts and weights throughout. Three tables:
    transformers' own forward (``model(vision_embeds=..., input_ids=...)``) and through promptseg's
    detection head (5 prompts, batched and one by one); and the head at threshold 0 (every query
    kept: the mask decoder's worst case; random weights rarely pass 0.5, real ones often do).
-3. Where one prompt's time goes (fp32): the DETR encoder, DETR decoder and mask decoder, in
+3. Where one prompt's time goes (fp32): the DETR encoder (its first self-attention block apart:
+   promptseg runs it once per image, with the image encoder), DETR decoder and mask decoder, in
    transformers' forward and in promptseg's head.
 """
 
@@ -25,7 +26,6 @@ import numpy as np
 from bench._common import model_dir, parser, print_table, timed
 
 PROMPTS = ["cat", "dog", "car", "person", "tree", "bicycle", "cup", "chair", "bird", "boat"]
-STAGES = ("detr_encoder", "detr_decoder", "mask_decoder")
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
         return marks
 
     def cold(seg, k):
-        seg.cache.memory.clear()
+        seg.cache.release()
         seg.text_cache.clear()
         seg.segment(image, PROMPTS[:k], threshold=0.5)
 
@@ -101,7 +101,7 @@ def per_prompt_rows(seg, image, label, repeat) -> list[list[object]]:
     """Image encoder, transformers' forward per prompt, and promptseg's head (batched, one by one,
     every query kept) per prompt, for 5 prompts on one cached image."""
     prompts = PROMPTS[:5]
-    seg.cache.memory.clear()
+    seg.cache.release()
     encoder, (features, _) = timed(lambda: seg.embed(image))
     texts = seg.text_embeddings(prompts)
     theirs, _ = timed(lambda: [transformers_forward(seg, features, [p]) for p in prompts], repeat)
@@ -134,17 +134,33 @@ def transformers_forward(seg, features, prompts):
         return backend.model(vision_embeds=vision, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
 
 
+def stage_modules(model) -> dict[str, list]:
+    """The modules whose time makes up each stage. The DETR encoder is timed by its layers'
+    attention and MLP blocks, since promptseg's head calls them without the encoder's own forward
+    (its first self-attention block runs with the image encoder)."""
+    layers = model.detr_encoder.layers
+    return {
+        "detr_encoder: first self-attention": [layers[0].self_attn],
+        "detr_encoder: the rest": [m for i, layer in enumerate(layers) for m in
+                                   ((layer.cross_attn, layer.mlp) if i == 0 else (layer.self_attn, layer.cross_attn, layer.mlp))],
+        "detr_decoder": [model.detr_decoder],
+        "mask_decoder": [model.mask_decoder],
+    }
+
+
 def stage_profile(seg, image) -> list[list[object]]:
     """Seconds per stage for one prompt, timed by forward hooks on the model's sub-modules."""
     features, _ = seg.embed(image)
     texts = seg.text_embeddings(PROMPTS[:1])
-    model = seg.backend.model
+    stages = stage_modules(seg.backend.model)
     spent: dict[str, float] = {}
     hooks = []
-    for stage in STAGES:
-        module = model.get_submodule(stage)
-        hooks.append(module.register_forward_pre_hook(lambda *_, s=stage: spent.__setitem__(s, spent.get(s, 0) - time.perf_counter())))
-        hooks.append(module.register_forward_hook(lambda *_, s=stage: spent.__setitem__(s, spent[s] + time.perf_counter())))
+    for stage, modules in stages.items():
+        for module in modules:
+            hooks.append(module.register_forward_pre_hook(
+                lambda *_, s=stage: spent.__setitem__(s, spent.get(s, 0) - time.perf_counter())))
+            hooks.append(module.register_forward_hook(
+                lambda *_, s=stage: spent.__setitem__(s, spent[s] + time.perf_counter())))
     columns = []
     for run in (lambda: transformers_forward(seg, features, PROMPTS[:1]), lambda: seg.backend.decode(features, texts, 0.5)):
         run()
@@ -153,7 +169,7 @@ def stage_profile(seg, image) -> list[list[object]]:
         columns.append({**spent, "total": total})
     for hook in hooks:
         hook.remove()
-    names = [*STAGES, "total"]
+    names = [*stages, "total"]
     return [[name, columns[0].get(name, 0.0), columns[1].get(name, 0.0)] for name in names]
 
 
