@@ -55,7 +55,8 @@ def promptseg_add_commands(subparsers) -> None:
         description="Start the backend. Settings come from LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, "
         "BASIC_AUTH_USER/BASIC_AUTH_PASS, PROMPTSEG_MODEL, PROMPTSEG_THRESHOLD, PROMPTSEG_ALLOWED_HOSTS, "
         "LOCAL_FILES_DOCUMENT_ROOT, PROMPTSEG_TRUST_SETUP_HOST, PROMPTSEG_MAX_DOWNLOAD_BYTES, "
-        "PROMPTSEG_DOWNLOAD_TIMEOUT; options given here win.",
+        "PROMPTSEG_DOWNLOAD_TIMEOUT, PROMPTSEG_MAX_VIDEO_BYTES, PROMPTSEG_VIDEO_DOWNLOAD_TIMEOUT, "
+        "PROMPTSEG_MAX_VIDEO_FRAMES; options given here win.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     serve.add_argument("--port", type=port_number, default=9090, help="port, 1-65535 (default: %(default)s)")

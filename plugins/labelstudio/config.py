@@ -18,6 +18,9 @@ from promptseg.options import SegmentOptions
 from promptseg_labelstudio.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, DownloadLimits
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
+DEFAULT_MAX_VIDEO_BYTES = 512 * 1024**2
+DEFAULT_VIDEO_DOWNLOAD_TIMEOUT = 300.0
+DEFAULT_MAX_VIDEO_FRAMES = 2000
 DEFAULT_WORK_SLOTS = 2  # waitress's default 4 threads, less 2 kept for /health and /setup
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -35,7 +38,9 @@ class BackendConfig:
     `download_timeout` seconds. At most `work_slots` ``/predict`` requests run at once (more get
     503), so the server's other threads stay free for ``/health`` and ``/setup``; None: no limit.
     `threshold` is the default score threshold of every project (None: the core's); a project's
-    extra params may set it and any other option (see `segment_options`).
+    extra params may set it and any other option (see `segment_options`). Videos have their own
+    caps: `max_video_bytes` and `video_download_timeout` per download, and at most
+    `max_video_frames` frames segmented per task (a stride or a frame range picks fewer).
     """
 
     model: str | None = None
@@ -55,6 +60,9 @@ class BackendConfig:
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
     work_slots: int | None = None
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    video_download_timeout: float = DEFAULT_VIDEO_DOWNLOAD_TIMEOUT
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
 
     def __post_init__(self) -> None:
         try:
@@ -81,6 +89,13 @@ class BackendConfig:
             raise OptionError(f"PROMPTSEG_DOWNLOAD_TIMEOUT must be a positive number of seconds, got {self.download_timeout}.")
         if self.work_slots is not None and self.work_slots < 1:
             raise OptionError(f"PROMPTSEG_WORK_SLOTS must be at least 1, got {self.work_slots}.")
+        if self.max_video_bytes < 1:
+            raise OptionError(f"PROMPTSEG_MAX_VIDEO_BYTES must be a positive number of bytes, got {self.max_video_bytes}.")
+        if not self.video_download_timeout > 0:
+            raise OptionError("PROMPTSEG_VIDEO_DOWNLOAD_TIMEOUT must be a positive number of seconds, got "
+                              f"{self.video_download_timeout}.")
+        if self.max_video_frames < 1:
+            raise OptionError(f"PROMPTSEG_MAX_VIDEO_FRAMES must be at least 1, got {self.max_video_frames}.")
 
     @property
     def segment_options(self) -> SegmentOptions:
@@ -95,6 +110,11 @@ class BackendConfig:
     @property
     def download_limits(self) -> DownloadLimits:
         return DownloadLimits(self.max_download_bytes, self.download_timeout)
+
+    @property
+    def video_download_limits(self) -> DownloadLimits:
+        return DownloadLimits(self.max_video_bytes, self.video_download_timeout, "Video",
+                              "PROMPTSEG_MAX_VIDEO_BYTES", "PROMPTSEG_VIDEO_DOWNLOAD_TIMEOUT")
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> BackendConfig:
@@ -122,6 +142,10 @@ class BackendConfig:
             max_download_bytes=env_number(env, "PROMPTSEG_MAX_DOWNLOAD_BYTES", int, DEFAULT_MAX_DOWNLOAD_BYTES),
             download_timeout=env_number(env, "PROMPTSEG_DOWNLOAD_TIMEOUT", float, DEFAULT_DOWNLOAD_TIMEOUT),
             work_slots=env_number(env, "PROMPTSEG_WORK_SLOTS", int, DEFAULT_WORK_SLOTS),
+            max_video_bytes=env_number(env, "PROMPTSEG_MAX_VIDEO_BYTES", int, DEFAULT_MAX_VIDEO_BYTES),
+            video_download_timeout=env_number(env, "PROMPTSEG_VIDEO_DOWNLOAD_TIMEOUT", float,
+                                              DEFAULT_VIDEO_DOWNLOAD_TIMEOUT),
+            max_video_frames=env_number(env, "PROMPTSEG_MAX_VIDEO_FRAMES", int, DEFAULT_MAX_VIDEO_FRAMES),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

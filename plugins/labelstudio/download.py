@@ -32,10 +32,17 @@ class DownloadError(ImageError):
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """`max_bytes` per file; `timeout` seconds for a whole download (connect, headers and body)."""
+    """`max_bytes` per file; `timeout` seconds for a whole download (connect, headers and body).
+
+    `what` names the kind of file and `size_setting`/`timeout_setting` the settings that raise
+    the limits, for the messages (videos have limits of their own).
+    """
 
     max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
     timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
+    what: str = "Image"
+    size_setting: str = "PROMPTSEG_MAX_DOWNLOAD_BYTES"
+    timeout_setting: str = "PROMPTSEG_DOWNLOAD_TIMEOUT"
 
     @property
     def socket_timeouts(self) -> tuple[float, float]:
@@ -73,7 +80,7 @@ def _copy_body(response: requests.Response, out, url: str, limits: DownloadLimit
     while True:
         if time.monotonic() > deadline:
             raise DownloadError(
-                f"Downloading {url!r} took longer than {limits.timeout:g} s (PROMPTSEG_DOWNLOAD_TIMEOUT): "
+                f"Downloading {url!r} took longer than {limits.timeout:g} s ({limits.timeout_setting}): "
                 "the host is too slow; raise the limit if the file is large and the host is trusted."
             )
         chunk = _read_some(response)
@@ -99,6 +106,6 @@ def _read_some(response: requests.Response) -> bytes:
 
 def too_large(url: str, limits: DownloadLimits, why: str) -> DownloadError:
     return DownloadError(
-        f"Image {url!r} is over the download limit of {limits.max_bytes:,} bytes ({why}): "
-        "set PROMPTSEG_MAX_DOWNLOAD_BYTES higher if such files are expected."
+        f"{limits.what} {url!r} is over the download limit of {limits.max_bytes:,} bytes ({why}): "
+        f"set {limits.size_setting} higher if such files are expected."
     )

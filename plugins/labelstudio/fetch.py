@@ -194,17 +194,18 @@ class ImageFetcher:
 
     @contextmanager
     def local_image(self, reference: str, task_id: int | None = None,
-                    no_source_hint: str = NO_SOURCE_HINT) -> Iterator[str]:
-        """A local path to the image `reference` (URL or path) of task `task_id`.
+                    no_source_hint: str = NO_SOURCE_HINT, limits: DownloadLimits | None = None) -> Iterator[str]:
+        """A local path to the image (or video) `reference` (URL or path) of task `task_id`.
 
         A downloaded file lives only inside the ``with`` block; local files are left alone.
-        `no_source_hint` says what to set when a Label Studio file has no host and token to use.
+        `no_source_hint` says what to set when a Label Studio file has no host and token to use;
+        `limits` replace the fetcher's own for this file (videos have larger ones).
         """
         target = self._locate(reference, task_id, no_source_hint)
         if isinstance(target, Path):
             yield str(target)
             return
-        path = self._download_first(target, reference)
+        path = self._download_first(target, reference, limits or self.limits)
         try:
             yield str(path)
         finally:
@@ -267,18 +268,19 @@ class ImageFetcher:
         scheme = "Bearer" if looks_like_jwt(source.token) else "Token"
         return {"Authorization": f"{scheme} {source.token}"}
 
-    def _download_first(self, urls: list[str], reference: str) -> Path:
+    def _download_first(self, urls: list[str], reference: str, limits: DownloadLimits) -> Path:
         """Download the first of `urls` that answers; an HTTP error status moves on to the next one."""
         for url in urls[:-1]:
             try:
-                return self._download(url, reference)
+                return self._download(url, reference, limits)
             except HTTPStatusError as exc:
                 logger.debug("%s; trying the next URL", exc)
-        return self._download(urls[-1], reference)
+        return self._download(urls[-1], reference, limits)
 
-    def _download(self, url: str, reference: str) -> Path:
+    def _download(self, url: str, reference: str, limits: DownloadLimits) -> Path:
         try:
-            return download(self.session, url, self._headers(url), self.download_dir, self.limits, file_suffix(url))
+            return download(self.session, url, self._headers(url), self.download_dir, limits,
+                            file_suffix(url) or file_suffix(reference))
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
             fix = "check the URL"
@@ -287,8 +289,8 @@ class ImageFetcher:
             raise HTTPStatusError(f"Fetching {shown(reference)} failed with HTTP {status}: {fix}.") from exc
         except requests.Timeout as exc:
             raise ImageError(
-                f"Fetching {shown(reference)} timed out (no answer within {self.limits.socket_timeouts[1]:g} s; "
-                "PROMPTSEG_DOWNLOAD_TIMEOUT sets the limit): check that the host is up."
+                f"Fetching {shown(reference)} timed out (no answer within {limits.socket_timeouts[1]:g} s; "
+                f"{limits.timeout_setting} sets the limit): check that the host is up."
             ) from exc
         except requests.ConnectionError as exc:
             raise ImageError(
