@@ -5,7 +5,9 @@ and ``RectangleLabels`` on an ``Image``, and a generic ``Labels`` paired with ``
 ``Polygon`` or ``Rectangle`` on the same image. A ``TextArea`` on the image is the interactive
 prompt box. Each label is prompted by its ``hint`` attribute when present, else its name.
 ``KeyPointLabels`` and ``RectangleLabels`` in an interactive request are clicks and a box for one
-object, filled into the brush (or polygon) output.
+object, filled into the brush (or polygon) output. A ``Video`` with a ``VideoRectangle`` and
+``Labels`` gets one ``videorectangle`` track per object; its ``frameRate`` (Label Studio's frame
+numbering) is kept for the keyframes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from promptseg.results import normalise_prompt
 
 GEOMETRY = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
 LABELED = {v: k for k, v in GEOMETRY.items()}
+VIDEO_RECTANGLE = "videorectangle"
+LABELED[VIDEO_RECTANGLE] = "video rectangle"
 PROMPT_ATTRIBUTES = ("hint", "prompt")
 JSON_TYPES = {dict: "object", list: "list", int: "number", float: "number", bool: "boolean"}
 
@@ -47,13 +51,19 @@ class Output:
 
 @dataclass(frozen=True)
 class LabelingPlan:
-    """The image object, the outputs on it, the prompt of each label and the prompt box (if any)."""
+    """The image (or video) object, the outputs on it, the prompt of each label and the prompt box (if any).
+
+    `media` is ``"image"`` or ``"video"``; `image_name` names the object either way. For a video,
+    `frame_rate` is the ``<Video frameRate>`` attribute as written (a number, ``$field``, or None).
+    """
 
     image_name: str
     value_key: str
     outputs: tuple[Output, ...]
     prompts: dict[str, str] = field(default_factory=dict)
     textareas: tuple[str, ...] = ()
+    media: str = "image"
+    frame_rate: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -141,12 +151,16 @@ def _parse(config: str) -> LabelingPlan:
     except Exception as exc:  # the SDK raises lxml and its own errors alike
         raise LabelingConfigError(f"The labeling config cannot be parsed: {exc}") from exc
     images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
+    videos = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "video"}
+    controls = list(interface.controls)
+    if videos and not images:
+        return _video_plan(videos, controls)
     if not images:
         raise LabelingConfigError(
-            "The labeling config has no <Image> tag: promptseg segments images. "
-            'Add e.g. <Image name="image" value="$image"/>.'
+            "The labeling config has no <Image> tag: promptseg segments images (and videos). "
+            'Add e.g. <Image name="image" value="$image"/>, or <Video name="video" value="$video"/> with '
+            '<VideoRectangle name="box" toName="video"/> and <Labels>.'
         )
-    controls = list(interface.controls)
     outputs: list[Output] = []
     for control in controls:
         tag = control.tag.lower()
@@ -165,17 +179,54 @@ def _parse(config: str) -> LabelingPlan:
         )
     image_name = outputs[0].to_name
     outputs = [o for o in outputs if o.to_name == image_name]
-    value = images[image_name].value or ""
-    if not value.startswith("$") or len(value) < 2:
-        raise LabelingConfigError(f'The <Image name="{image_name}"> needs value="$field" naming the task field with the image URL.')
-    prompts: dict[str, str] = {}
-    for control in controls:
-        if control.name not in {o.from_name for o in outputs}:
+    value_key = _value_key(images[image_name], "Image", "image")
+    names = {o.from_name for o in outputs}
+    prompts = _label_prompts(c for c in controls if c.name in names)
+    return LabelingPlan(image_name, value_key, tuple(outputs), prompts, _textareas(controls, image_name))
+
+
+def _video_plan(videos: dict, controls: list) -> LabelingPlan:
+    """The first ``VideoRectangle`` on a ``Video`` with ``Labels`` on the same video: one output
+    whose labels are those of every such ``Labels`` (Label Studio puts them in ``value.labels``)."""
+    for rectangle in controls:
+        targets = [name for name in rectangle.to_name or [] if name in videos]
+        if rectangle.tag.lower() != VIDEO_RECTANGLE or not targets:
             continue
+        video_name = targets[0]
+        label_controls = [c for c in controls if c.tag.lower() == "labels" and video_name in (c.to_name or [])]
+        prompts = _label_prompts(label_controls)
+        if not prompts:
+            continue
+        output = Output(rectangle.name, video_name, VIDEO_RECTANGLE, tuple(prompts))
+        video = videos[video_name]
+        return LabelingPlan(video_name, _value_key(video, "Video", "video"), (output,), prompts,
+                            _textareas(controls, video_name), media="video",
+                            frame_rate=(video.attr or {}).get("frameRate"))
+    raise LabelingConfigError(
+        "The labeling config has a <Video> but no <VideoRectangle> with <Labels> (at least one <Label>) on it: "
+        'add e.g. <Labels name="labels" toName="video"><Label value="car"/></Labels> and '
+        '<VideoRectangle name="box" toName="video"/>.'
+    )
+
+
+def _value_key(obj, tag: str, what: str) -> str:
+    """The task field an object reads (``value="$field"``)."""
+    value = obj.value or ""
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelingConfigError(f'The <{tag} name="{obj.name}"> needs value="$field" naming the task field with the {what} URL.')
+    return value[1:]
+
+
+def _label_prompts(label_controls) -> dict[str, str]:
+    """Each label's prompt: its ``hint`` (or ``prompt``) attribute when present, else its name."""
+    prompts: dict[str, str] = {}
+    for control in label_controls:
         for label, tag in (control.labels_attrs or {}).items():
             hint = next((tag.attr.get(a) for a in PROMPT_ATTRIBUTES if tag.attr.get(a)), None)
             prompts.setdefault(label, normalise_prompt(hint or label))
-    textareas = tuple(
-        c.name for c in controls if c.tag.lower() == "textarea" and image_name in (c.to_name or [])
-    )
-    return LabelingPlan(image_name, value[1:], tuple(outputs), prompts, textareas)
+    return prompts
+
+
+def _textareas(controls: list, object_name: str) -> tuple[str, ...]:
+    """The prompt boxes: ``TextArea`` controls on the image or video."""
+    return tuple(c.name for c in controls if c.tag.lower() == "textarea" and object_name in (c.to_name or []))

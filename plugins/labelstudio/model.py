@@ -3,7 +3,9 @@
 One instance per process holds the segmenter (model weights and embedding caches, from
 `promptseg.sessions.shared_segmenter`) and each project's settings from ``/setup``. A second
 prompt on an image reuses its cached embedding, so interactive prompts after the first cost only
-the prompt decoder. The old name `PromptsegModel` still imports, with a `DeprecationWarning`.
+the prompt decoder. A video task runs `Segmenter.segment_video` once with every prompt and gets one
+``videorectangle`` track per object (`promptseg_labelstudio.video`). The old name `PromptsegModel`
+still imports, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,14 @@ from promptseg_labelstudio.config import BackendConfig, check_base_url
 from promptseg_labelstudio.fetch import ImageFetcher, LabelStudioSource, host_entry
 from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
 from promptseg_labelstudio.regions import regions_for
+from promptseg_labelstudio.video import (
+    VIDEO_PARAMS,
+    VideoSettings,
+    label_studio_rate,
+    read_timing,
+    track_regions,
+    video_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +51,8 @@ class ProjectSettings:
 
     `hostname` is kept only when the backend may take the Label Studio host from ``/setup``;
     otherwise it is `refused_hostname`, remembered for the error message. `options` are the
-    backend's defaults with the project's extra params on top (None: the backend's defaults).
+    backend's defaults with the project's extra params on top (None: the backend's defaults);
+    `video` the extra params that pick a video's frames.
     """
 
     hostname: str | None = None
@@ -49,6 +60,7 @@ class ProjectSettings:
     options: SegmentOptions | None = None
     polygon_tolerance: float = 0.0
     refused_hostname: str | None = None
+    video: VideoSettings = field(default_factory=VideoSettings)
 
 
 class PromptsegMLBackend:
@@ -77,9 +89,15 @@ class PromptsegMLBackend:
     def setup(self, project: str, schema: str, hostname: str | None = None,
               access_token: str | None = None, extra_params: Any = None) -> dict:
         """Check the project's config and remember its host (if trusted), token and extra params."""
-        parse_labeling_config(schema)
-        options, tolerance = self._project_options(extra_params)
-        settings = ProjectSettings(access_token=access_token or None, options=options, polygon_tolerance=tolerance)
+        plan = parse_labeling_config(schema)
+        options, tolerance, video = self._project_options(extra_params)
+        if plan.media == "video":
+            from promptseg.video.tracking import check_video_options
+
+            self.segmenter.require_video()
+            check_video_options(options)
+        settings = ProjectSettings(access_token=access_token or None, options=options, polygon_tolerance=tolerance,
+                                   video=video)
         if hostname:
             hostname = check_base_url(hostname, "The hostname sent by /setup")
             configured = self.config.label_studio_url
@@ -109,7 +127,8 @@ class PromptsegMLBackend:
         for task in tasks:
             task_id = task.get("id") if isinstance(task, dict) else None
             try:
-                predictions.append(self._predict_task(task, plan, fetcher, hint, options, tolerance, typed, context))
+                predictions.append(self._predict_task(task, plan, fetcher, hint, options, tolerance, typed, context,
+                                                      settings.video))
             except PromptsegError as exc:
                 logger.warning("Task %s: %s", task_id, exc)
                 predictions.append(self._failed(task_id, str(exc)))
@@ -123,26 +142,20 @@ class PromptsegMLBackend:
         """A failed task: no ``result`` key, so Label Studio logs it and stores no empty prediction."""
         return {"error": f"task {task_id}: {message}", "task": task_id, "model_version": self.model_version}
 
-    def _predict_task(self, task, plan: LabelingPlan, fetcher, hint, options, tolerance, typed, context) -> dict:
+    def _predict_task(self, task, plan: LabelingPlan, fetcher, hint, options, tolerance, typed, context,
+                      video: VideoSettings) -> dict:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise ImageError("A task must be an object with a 'data' object.")
         reference = task["data"].get(plan.value_key)
         if reference is None:
-            raise ImageError(f"The task has no {plan.value_key!r} field, which the labeling config's <Image> reads.")
-        clicks = clicks_in(context, plan.image_name) if context else None
+            tag = "Video" if plan.media == "video" else "Image"
+            raise ImageError(f"The task has no {plan.value_key!r} field, which the labeling config's <{tag}> reads.")
+        clicks = clicks_in(context, plan.image_name) if context and plan.media == "image" else None
         if clicks is not None:
             return self._predict_object(task, reference, plan, fetcher, hint, options, tolerance, clicks)
-        if context:
-            if typed is None:
-                raise PromptMatchError(
-                    "Interactive request without a typed prompt: type what to segment in the "
-                    + (f"TextArea {plan.textareas[0]!r}" if plan.textareas else "prompt TextArea (add one to the config)")
-                )
-            label, phrase = plan.label_for_prompt(typed)
-            phrases, label_of = [phrase], lambda inst: label
-        else:
-            phrases, phrase_to_label = plan.batch_prompts()
-            label_of = lambda inst: phrase_to_label.get(inst.label)  # noqa: E731
+        phrases, label_of = _prompts(plan, typed, context)
+        if plan.media == "video":
+            return self._predict_video(task, reference, plan, fetcher, hint, options, video, phrases, label_of)
         with fetcher.local_image(reference, task.get("id"), hint) as path:
             result = self.segmenter.segment(path, phrases, options=options)
         regions = regions_for(result, plan.outputs, label_of, tolerance)
@@ -167,6 +180,32 @@ class PromptsegMLBackend:
         result = self.segmenter.segment_object(rgb, **clicks.in_pixels(height, width), options=options)
         regions = regions_for(result, plan.object_outputs(), lambda inst: label, tolerance)
         return {"result": regions, "score": float(result.instances[0].score) if len(result) else 0.0,
+                "model_version": self.model_version}
+
+    def _predict_video(self, task, reference, plan: LabelingPlan, fetcher, hint, options, video: VideoSettings,
+                       phrases, label_of) -> dict:
+        """Every object the prompts name, tracked through the video: one ``videorectangle`` region each.
+
+        The video downloads under the video limits; the frames to segment (after the project's
+        `frames` and `stride`) must not exceed ``max_video_frames``, checked before any is read.
+        """
+        from promptseg.video import frame_range
+
+        config = self.config
+        with fetcher.local_image(reference, task.get("id"), hint, config.video_download_limits) as path:
+            timing = read_timing(path)
+            count = len(frame_range(timing.frame_count, video.frames, video.stride))
+            if count > config.max_video_frames:
+                raise OptionError(
+                    f"The video has {count:,} frames to segment, over the limit of {config.max_video_frames:,} per task "
+                    "(PROMPTSEG_MAX_VIDEO_FRAMES): set a 'stride' or a 'frames' range in the project's extra params, "
+                    "or raise the limit."
+                )
+            result = self.segmenter.segment_video(path, phrases, frames=video.frames, stride=video.stride,
+                                                  new_threshold=video.new_threshold, options=options)
+        rate = label_studio_rate(plan.frame_rate, task["data"])
+        regions = track_regions(result, plan.outputs[0], label_of, timing, rate)
+        return {"result": regions, "score": max((r["score"] for r in regions), default=0.0),
                 "model_version": self.model_version}
 
     def _settings(self, project: str | None) -> ProjectSettings:
@@ -209,11 +248,12 @@ class PromptsegMLBackend:
                 self._fetchers[source] = fetcher
             return fetcher
 
-    def _project_options(self, extra: Any) -> tuple[SegmentOptions, float]:
-        """A project's options and polygon tolerance from its extra params (a JSON object).
+    def _project_options(self, extra: Any) -> tuple[SegmentOptions, float, VideoSettings]:
+        """A project's options, polygon tolerance and video settings from its extra params (a JSON object).
 
         Every `SegmentOptions` field may be set there, by its flat name; the core checks names and
         values (`OptionError`, answered 422 by ``/setup``). Unset ones keep the backend's defaults.
+        `stride`, `frames` and `new_threshold` pick a video's frames and new objects.
         """
         if extra in (None, ""):
             extra = {}
@@ -227,6 +267,7 @@ class PromptsegMLBackend:
         if not isinstance(extra, dict):
             raise OptionError(f"Extra params must be a JSON object such as {{\"threshold\": 0.3}}, got {extra!r}.")
         flat = dict(extra)
+        video = video_settings(flat)
         tolerance = flat.pop(POLYGON_TOLERANCE, None)
         tolerance = 0.0 if tolerance is None else tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
@@ -235,12 +276,28 @@ class PromptsegMLBackend:
         try:
             check_names(flat)
         except OptionError as exc:
-            raise OptionError(f"{exc} Extra params also take {POLYGON_TOLERANCE!r} (pixels).") from None
+            raise OptionError(f"{exc} Extra params also take {POLYGON_TOLERANCE!r} (pixels) and, for videos, "
+                              f"{', '.join(map(repr, VIDEO_PARAMS))}.") from None
         options = self.config.segment_options.replace(**flat)
         if options.clip.asked and getattr(self.segmenter, "clip", None) is None:
             raise OptionError(f"Extra params {', '.join(options.clip.asked)} need a CLIP model, which this backend "
                               "does not load: remove them from the project's extra params.")
-        return options, float(tolerance)
+        return options, float(tolerance), video
+
+
+def _prompts(plan: LabelingPlan, typed: str | None, context: dict | None):
+    """The phrases to segment and how an instance's phrase maps back to a label: the typed prompt
+    in an interactive request, else every label's prompt."""
+    if context:
+        if typed is None:
+            raise PromptMatchError(
+                "Interactive request without a typed prompt: type what to segment in the "
+                + (f"TextArea {plan.textareas[0]!r}" if plan.textareas else "prompt TextArea (add one to the config)")
+            )
+        label, phrase = plan.label_for_prompt(typed)
+        return [phrase], lambda inst: label
+    phrases, phrase_to_label = plan.batch_prompts()
+    return phrases, lambda inst: phrase_to_label.get(inst.label)
 
 
 def typed_prompt(context: dict, plan: LabelingPlan) -> str | None:
