@@ -27,6 +27,12 @@ CONFIGS = {
               f'<Label value="cat"/><Label value="dog"/></BrushLabels>{PROMPT_BOX}</View>',
 }
 THRESHOLD = 0.0  # the tiny random model scores ~0.25
+VIDEO_CONFIG = ('<View><Video name="video" value="$video" frameRate="5"/><Labels name="labels" toName="video">'
+                '<Label value="cat"/><Label value="dog" hint="small dog"/></Labels>'
+                '<VideoRectangle name="box" toName="video"/>'
+                '<TextArea name="prompt" toName="video" editable="true" rows="1"/></View>')
+VIDEO_FPS = 5
+VIDEO_THRESHOLD = 0.2545  # keeps the tiny random video model's few best detections per frame
 
 
 def make_image(seed: int, size=(48, 64)) -> np.ndarray:
@@ -36,6 +42,31 @@ def make_image(seed: int, size=(48, 64)) -> np.ndarray:
     image[20:44, 40:60] = (40, 200, 60)
     return image
 
+
+
+def video_scene(t: int, height: int = 72, width: int = 96) -> np.ndarray:
+    """Frame `t` of two discs moving across a dark background."""
+    from skimage.draw import disk
+
+    frame = np.full((height, width, 3), 40, np.uint8)
+    frame[disk((30, 20 + 3 * t), 12, shape=(height, width))] = (220, 60, 60)
+    frame[disk((50, 70 - 2 * t), 9, shape=(height, width))] = (60, 200, 90)
+    return frame
+
+
+def write_mp4(path, count: int = 10, fps: int = VIDEO_FPS) -> str:
+    """`count` frames of `video_scene` as an MPEG-4 file at `fps` (PyAV)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        for t in range(count):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(video_scene(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
 
 
 def decode_brush(region: dict) -> np.ndarray:
