@@ -1,7 +1,8 @@
 """End to end against a real Label Studio server: projects of each config type, uploaded images,
 the backend connected with ``ls.ml.create``, batch pre-annotation, an interactive prompt, clicks and
 a box, and the stored predictions compared with the core's masks pixel for pixel. The model is the
-tiny SAM 3 in the hub's layout, whose tracker head answers the clicks.
+tiny SAM 3 in the hub's layout, whose tracker head answers the clicks. A video project (an uploaded
+mp4, ``VideoRectangle``) gets the core's tracks from a backend on the tiny SAM 3 video model.
 
 Label Studio runs from its own virtual environment (its pins conflict with ours): the executable
 is `PROMPTSEG_LABEL_STUDIO`, else ``label-studio`` on PATH, else the ``.venv-labelstudio`` that
@@ -253,3 +254,74 @@ def test_bad_task_through_label_studio_stores_nothing_and_backend_survives(label
     assert len(list(ls.predictions.list(task=tasks[0].id))) == 1
     assert list(ls.predictions.list(task=bad.id)) == []
     assert requests.get(f"{backend}/health", timeout=5).json()["status"] == "UP"
+
+
+@pytest.fixture(scope="module")
+def video_backend(tmp_path_factory):
+    """The backend on the tiny SAM 3 video model (128 channels wide, the width it tracks at), served by
+    ``promptseg labelstudio serve`` like `backend`, with one torch thread (see tests/test_video.py)."""
+    from promptseg.testing import make_random_sam3_video
+
+    model_dir = make_random_sam3_video(tmp_path_factory.mktemp("models") / "tiny-sam3-video", hidden=128)
+    work = tmp_path_factory.mktemp("video-backend")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_")) and k not in ("PROMPTSEG_THRESHOLD", "LOCAL_FILES_DOCUMENT_ROOT")}
+    env.update(PROMPTSEG_CACHE_DIR=str(work / "embeddings"), PROMPTSEG_DEVICE="cpu", HF_HUB_OFFLINE="1",
+               PROMPTSEG_TRUST_SETUP_HOST="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "promptseg.cli", "labelstudio", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--model", str(model_dir)]
+    log = work / "backend.log"
+    process = start(command, env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process, 180, log)
+        yield f"http://127.0.0.1:{port}", model_dir, work / "embeddings"
+    finally:
+        stop(process)
+
+
+def test_video_project_gets_one_track_per_object_through_label_studio(label_studio, video_backend, tmp_path):
+    """An uploaded mp4 in a VideoRectangle project: batch predictions stored by Label Studio are the
+    core's tracks (keyframes at 1-based frames, boxes in percent)."""
+    import promptseg
+    import torch
+    from label_studio_sdk import LabelStudio
+    from lshelpers import VIDEO_CONFIG, VIDEO_FPS, VIDEO_THRESHOLD, write_mp4
+
+    url, model_dir, embeddings = video_backend
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    project = ls.projects.create(title="promptseg video", label_config=VIDEO_CONFIG)
+    clip = write_mp4(tmp_path / "clip.mp4", 8)
+    with open(clip, "rb") as handle:
+        response = requests.post(f"{label_studio}/api/projects/{project.id}/import", headers={"Authorization": f"Token {TOKEN}"},
+                                 files={"file": ("clip.mp4", handle, "video/mp4")}, timeout=60)
+    response.raise_for_status()
+    [task] = list(ls.tasks.list(project=project.id))
+    thresholds = {"threshold": VIDEO_THRESHOLD, "new_threshold": 0.2581}  # few new objects per frame: quick
+    ml = ls.ml.create(project=project.id, url=url, title="promptseg video", is_interactive=False, extra_params=thresholds)
+    assert ls.ml.get(ml.id).state == "CO", f"backend not connected: {ls.ml.get(ml.id).error_message}"
+    ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
+    regions = stored_regions(ls, task.id)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        core = promptseg.load_segmenter(str(model_dir), device="cpu", cache_dir=embeddings)
+        result = core.segment_video(clip, ["cat", "small dog"], **thresholds)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.info["embedding_source"] != "computed"  # the backend's own embeddings, read back
+    tracks = result.tracks()
+    assert len(regions) == len(tracks) > 0
+    height, width = result.frame_size
+    for region, track in zip(regions, tracks):
+        value = region["value"]
+        assert region["type"] == "videorectangle" and value["labels"] == [{"cat": "cat", "small dog": "dog"}[track.label]]
+        assert value["framesCount"] == 8 and value["duration"] == pytest.approx(8 / VIDEO_FPS)
+        boxes = {n: inst.box for n, frame in zip(result.frame_indices, result.frames)
+                 for inst in frame.instances if inst.extra["object_id"] == track.object_id}
+        assert [k["frame"] for k in value["sequence"]] == [n + 1 for n in sorted(boxes)]
+        for keyframe in value["sequence"]:
+            x0, y0, x1, y1 = boxes[keyframe["frame"] - 1]
+            assert (keyframe["x"], keyframe["width"]) == pytest.approx((100 * x0 / width, 100 * (x1 - x0) / width))
+            assert (keyframe["y"], keyframe["height"]) == pytest.approx((100 * y0 / height, 100 * (y1 - y0) / height))
