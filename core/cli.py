@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="videos: segment every N-th frame (default: every frame)")
     seg.add_argument("--frames", type=frames_argument, default=None, metavar="A:B",
                      help="videos: segment frames A to B-1 only (either end may be left out, e.g. 10: or :50)")
+    seg.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="segment the images on Ray actors (pip install 'promptseg[ray]'): a cluster's ADDRESS "
+                     "(HOST:6379, or 'auto' on one of its machines), or none for a local Ray; same outputs "
+                     "(see docs/scaling.md)")
+    seg.add_argument("--actors", type=int, default=2, metavar="N",
+                     help="with --ray: how many actors, each with one loaded model (default: %(default)s)")
     add_model_options(seg)
     add_segment_options(seg)
     seg.set_defaults(func=run_segment)
@@ -351,6 +357,8 @@ def run_segment(args: argparse.Namespace) -> int:
         ensure_prompt_list(args.prompts)
     options = segment_options(args)  # a bad option fails before the model loads
     if is_video_run(args):
+        if args.ray is not None:
+            raise OptionError("--ray segments images: segment videos without it (one video runs on one machine).")
         return run_video(args, options)
     images, repeated = distinct_files(args.images)
     stems = output_stems(images, args.out)
@@ -359,6 +367,8 @@ def run_segment(args: argparse.Namespace) -> int:
     prepare_out_dir(args.out)
     for path in repeated:
         print(f"{path} was given more than once: segmented once", file=sys.stderr)
+    if args.ray is not None:
+        return run_segment_on_ray(args, options, images, stems, kind)
     segmenter = load_from_args(args)
     query = segmenter.query(args.prompts, options) if visual is None else None
     coco = CocoWriter(args.prompts if visual is None else ["object"])
@@ -384,6 +394,55 @@ def run_segment(args: argparse.Namespace) -> int:
     if kind == "coco":
         with output_errors("the COCO file", args.out):
             (args.out / COCO_FILE).write_text(json.dumps(coco.document()))
+    print(f"Wrote results for {len(images) - len(failed)} image(s) to {args.out}")
+    if failed:
+        print(f"{len(failed)} image(s) skipped: {', '.join(map(str, failed))}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def run_segment_on_ray(args: argparse.Namespace, options, images: list[str], stems: dict[str, Path], kind: str) -> int:
+    """`run_segment` on Ray actors (`promptseg.distributed.segment_on_ray`): the records come back as
+    results and go through the same writers, the COCO file in the order of the inputs."""
+    from tqdm import tqdm
+
+    from promptseg.distributed import record_to_result, segment_on_ray
+    from promptseg.images import load_image
+
+    if visual_prompts(args) is not None or kind == "stack":
+        raise OptionError("--ray segments images with text prompts: leave out --point, --box and --stack "
+                          "(or leave out --ray).")
+    if args.actors < 1:
+        raise OptionError(f"--actors takes a whole number of at least 1, not {args.actors}.")
+    records = segment_on_ray(
+        [{"id": path, "image": os.path.abspath(path)} for path in images], args.prompts, model=args.model, actors=args.actors, address=args.ray or None,
+        device=None if args.device == "auto" else args.device, dtype=args.dtype,
+        cache_dir=False if args.no_cache else args.cache_dir, clip=args.clip, max_pixels=args.max_pixels,
+        options=options,
+    )
+    done, failed = {}, []
+    for record in records:
+        path = record["id"]
+        if record["error"]:
+            failed.append(path)
+            tqdm.write(f"skipped {path}: {record['error']}", file=sys.stderr)
+            continue
+        result = record_to_result(record)
+        if kind == "coco":
+            done[path] = result
+        else:
+            rgb = load_image(path, options.pixels.percentiles, options.pixels.channels, args.max_pixels) if kind == "png" else None
+            with output_errors(path, args.out):
+                write_result(path, rgb, result, stems[path], kind)
+        tqdm.write(f"{path}: {len(result)} instance(s) [embedding {result.embedding_source}]", file=sys.stderr)
+    if kind == "coco":
+        coco = CocoWriter(args.prompts)
+        for path in images:
+            if path in done:
+                coco.add(path, done[path])
+        with output_errors("the COCO file", args.out):
+            (args.out / COCO_FILE).write_text(json.dumps(coco.document()))
+    failed.sort(key=images.index)
     print(f"Wrote results for {len(images) - len(failed)} image(s) to {args.out}")
     if failed:
         print(f"{len(failed)} image(s) skipped: {', '.join(map(str, failed))}", file=sys.stderr)

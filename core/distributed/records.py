@@ -32,7 +32,10 @@ def error_record(item_id: str, source: str | None, message: str, segmenter: dict
 
 
 def record_to_result(record: dict[str, Any]) -> SegmentationResult:
-    """The `SegmentationResult` a record was made from: masks decoded and cropped to their boxes."""
+    """The `SegmentationResult` a record was made from: masks decoded and cropped to their boxes.
+
+    Also reads the JSON files ``promptseg segment --format json`` writes (`SegmentationResult.to_dict`).
+    """
     from pycocotools import mask as mask_utils
 
     instances = []
@@ -50,8 +53,8 @@ def record_to_result(record: dict[str, Any]) -> SegmentationResult:
         ))
     return SegmentationResult(
         instances=instances, image_size=tuple(record["image_size"]), prompts=list(record["prompts"]),
-        embedding_source=record["embedding_source"] or "computed", source=record.get("source"),
-        info={**record.get("info", {}), "segmenter": record.get("segmenter", {}), "id": record["id"]},
+        embedding_source=record.get("embedding_source") or "computed", source=record.get("source"),
+        info={**record.get("info", {}), "segmenter": record.get("segmenter", {}), "id": record.get("id")},
         error=record.get("error"),
     )
 
