@@ -345,3 +345,27 @@ def test_tracker_keeps_only_the_frames_it_reads(video_segmenter):
     kept = [len(out["non_cond_frame_outputs"]) for out in tracker.session.output_dict_per_obj.values()]
     assert kept and max(kept) <= tracker.memory_frames + 1 and tracker.memory_frames == 16
     assert min(frame for out in tracker.session.output_dict_per_obj.values() for frame in out["non_cond_frame_outputs"]) >= 29 - 17
+
+
+def test_a_video_file_states_its_frame_rate_and_other_sources_none(tmp_path):
+    from promptseg.video import open_frames
+
+    frames = clip(3)
+    assert open_frames(write_mp4(tmp_path / "clip.mp4", frames, fps=12)).fps == pytest.approx(12.0)
+    assert open_frames(frames).fps is None  # an array has no clock
+
+
+def test_a_container_without_a_video_stream_names_the_problem(tmp_path):
+    import av
+
+    from promptseg.video import open_frames
+
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as container:  # audio only: one second of silence
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(ImageError, match="has no frames \\(the file holds no video stream\\).*folder of images"):
+        open_frames(path)

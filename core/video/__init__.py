@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from promptseg.video.frames import FrameSource, frame_range, is_video_path, open_frames
 from promptseg.video.results import Track, VideoResult
-from promptseg.video.tracking import segment_frames
+from promptseg.video.tracking import check_video_options, segment_frames
 
-__all__ = ["FrameSource", "Track", "VideoResult", "frame_range", "is_video_path", "open_frames", "segment_frames"]
+__all__ = [
+    "FrameSource", "Track", "VideoResult", "check_video_options", "frame_range", "is_video_path", "open_frames",
+    "segment_frames",
+]

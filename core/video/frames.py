@@ -9,6 +9,7 @@ frames are read; every source knows its length before reading, so progress can s
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -41,6 +42,9 @@ class FrameSource:
     reader: Any
     pixels: PixelOptions
     max_pixels: int | None = None
+    fps: float | None = None
+    """Frames per second of a video file (its stream's average rate); None for frames without a clock
+    (a folder, an array, a TIFF series) or a file that states no rate."""
 
     def frames(self, indices: range) -> Iterator[tuple[int, np.ndarray]]:
         """``(index, rgb)`` for each index, read lazily in order."""
@@ -163,9 +167,14 @@ def _video_file(path: Path, pixels, max_pixels) -> FrameSource:
     av = _import_av()
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ImageError(f"The video {path} has no frames (the file holds no video stream): check that it "
+                                 "is a complete video file (mp4, mov, avi, mkv, webm...), or give the frames as a "
+                                 "folder of images.")
             stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             length = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
+    except (av.error.FFmpegError, OSError) as exc:
         raise ImageError(
             f"Cannot read the video {path}: {exc}. Check that the file is a complete video (mp4, mov, avi, mkv, "
             "webm...), or give its frames as a folder of images."
@@ -190,7 +199,8 @@ def _video_file(path: Path, pixels, max_pixels) -> FrameSource:
                 "segment the frames before it with frames=(0, N), or re-encode the video."
             ) from exc
 
-    return FrameSource(str(path), length, read, pixels, max_pixels)
+    fps = float(rate) if rate else None
+    return FrameSource(str(path), length, read, pixels, max_pixels, fps if fps and math.isfinite(fps) and fps > 0 else None)
 
 
 def _import_av():

@@ -223,7 +223,7 @@ class PromptsegVideoModel(fom.Model, fom.SamplesMixin):
         from promptseg.results import ensure_prompt_list
         from promptseg.sessions import shared_segmenter
         from promptseg.video import frame_range
-        from promptseg.video.tracking import check_video_options
+        from promptseg.video import check_video_options
         from promptseg_fiftyone.runner import check_segment_options
         from promptseg_fiftyone.video import require_video_model
 

@@ -93,7 +93,7 @@ def segment_videos(samples, fixed: list[str], label_field: str, *, segmenter, su
     from fiftyone import ViewField as F
 
     from promptseg.video import frame_range, open_frames
-    from promptseg.video.tracking import check_video_options
+    from promptseg.video import check_video_options
 
     require_video_model(segmenter)
     check_video_options(options)  # options a video does not use stop the run here

@@ -92,7 +92,7 @@ class PromptsegMLBackend:
         plan = parse_labeling_config(schema)
         options, tolerance, video = self._project_options(extra_params)
         if plan.media == "video":
-            from promptseg.video.tracking import check_video_options
+            from promptseg.video import check_video_options
 
             self.segmenter.require_video()
             check_video_options(options)

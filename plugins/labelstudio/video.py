@@ -96,34 +96,20 @@ class VideoTiming:
 def read_timing(path: str) -> VideoTiming:
     """The frame count and frame rate of a video file; `ImageError` when it is not a readable video.
 
-    The rate is the video stream's average rate from PyAV (the core's frame reader does not report
-    one); the count is the core's (`promptseg.video.open_frames`, what `segment_video` indexes).
+    Both come from the core's frame reader (`promptseg.video.open_frames`): the count is what
+    `segment_video` indexes, the rate the video stream's average rate.
     """
     from promptseg.video import open_frames
 
     if not os.path.isfile(path):
         raise ImageError(f"The task's video {path!r} is not a file: give a video file (mp4, webm, mov...).")
-    try:
-        import av
-    except ImportError as exc:
-        raise ImageError("Video tasks need PyAV: pip install 'promptseg[video]' (or pip install av).") from exc
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ImageError("The task's video has no frames (the file holds no video stream): check that it is "
-                                 "a complete video file (mp4, webm, mov...).")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    except (av.error.FFmpegError, OSError) as exc:
-        raise ImageError(f"Cannot read the video: {exc}. Check that the task's file is a complete video "
-                         "(mp4, webm, mov...).") from exc
-    fps = float(rate) if rate else 0.0
-    if not (math.isfinite(fps) and fps > 0):
+    source = open_frames(path)  # ImageError for a file that is not a video, or holds no video stream or frames
+    if source.fps is None:
         raise ImageError(
             "The video has no frame rate: re-encode it at a constant frame rate "
             "(e.g. ffmpeg -i in.mp4 -r 30 out.mp4), which Label Studio also needs to number frames."
         )
-    return VideoTiming(open_frames(path).length, fps)  # ImageError for a stream without frames
+    return VideoTiming(source.length, source.fps)
 
 
 def label_studio_rate(attribute: str | None, data: dict) -> float:
