@@ -6,8 +6,10 @@ id and revision, dtype, input size, cache format version), so a different precis
 never reads another's entry. Disk writes are atomic; a truncated or mismatched file, or one whose
 tensors are not what the backend produces (names, shapes, dtypes) or hold NaN or infinite values,
 is deleted and recomputed with a warning; the disk store is capped in bytes and evicts the least
-recently used files. Both tiers hold contiguous tensors, so a decoder reading an entry from memory
-or from disk sees the same values in the same layout.
+recently used files. The disk store may also be shared by several machines: an fsspec URL as the
+cache location (see `promptseg.remote_cache`) keeps the same guarantees there. Both tiers hold
+contiguous tensors, so a decoder reading an entry from memory or from disk sees the same values in
+the same layout.
 
 Placement: the memory tier lives in host memory whatever the model's device, so a GPU holds the
 model and one embedding (the last one used, kept on the device for the next prompt on that image),
@@ -28,8 +30,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from promptseg.remote_cache import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +48,17 @@ TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Name -> (shape, dtype) of every tensor an embedding must hold (see `embedding_spec` in the backends)."""
 
 
-def default_cache_dir() -> Path:
-    """`PROMPTSEG_CACHE_DIR`, else the platform's user cache directory."""
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether a cache location is an fsspec URL (``s3://bucket/prefix``, ``file:///srv/cache``)
+    rather than a local folder."""
+    return isinstance(location, str) and "://" in location
+
+
+def default_cache_location() -> str | Path:
+    """`PROMPTSEG_CACHE_DIR` (a folder or an fsspec URL), else the platform's user cache directory."""
     env = os.environ.get("PROMPTSEG_CACHE_DIR")
+    if env and is_url(env):
+        return env
     if env:
         return Path(env).expanduser()
     import platformdirs
@@ -52,14 +66,32 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("promptseg")) / "embeddings"
 
 
+def default_cache_dir() -> Path:
+    """The local folder of the default cache: `default_cache_location()`, or when that is a URL the
+    local tier in front of it (see `promptseg.remote_cache.local_dir_for`)."""
+    location = default_cache_location()
+    if isinstance(location, Path):
+        return location
+    from promptseg.remote_cache import local_dir_for
+
+    return local_dir_for(location)
+
+
 def open_disk_cache(
     cache_dir: str | os.PathLike | bool | None, max_bytes: int = DEFAULT_DISK_BYTES, folder: str | None = None
-) -> DiskCache | None:
-    """The disk cache a loader's `cache_dir` names: a folder (`folder` below it when given), None or
-    True for `default_cache_dir()`, False for none."""
+) -> DiskCache | RemoteCache | None:
+    """The disk cache a loader's `cache_dir` names: a folder (`folder` below it when given), an fsspec
+    URL (a store shared by several machines, with a local tier capped at `max_bytes`), None or True
+    for `default_cache_location()`, False for none."""
     if cache_dir is False:
         return None
-    root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+    location = cache_dir if cache_dir not in (None, True) else default_cache_location()
+    if is_url(location):
+        from promptseg.remote_cache import RemoteCache, local_dir_for
+
+        url = f"{location.rstrip('/')}/{folder}" if folder else location
+        return RemoteCache(url, DiskCache(local_dir_for(url), max_bytes))
+    root = Path(location)
     return DiskCache(root / folder if folder else root, max_bytes)
 
 
@@ -181,26 +213,12 @@ class DiskCache:
         `expected` is the key parts the file's metadata must repeat; `spec` the names, shapes and
         dtypes its tensors must have (their values must be finite in any case).
         """
-        from safetensors import safe_open
-
         path = self.path_for(key)
         if not path.exists():
             return None
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as exc:  # truncated, garbage, or a half-written file from a crash
-            self._discard(path, f"unreadable ({exc.__class__.__name__}: {exc})")
-            return None
-        mismatched = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
-        expected_names = set(json.loads(metadata.get("tensor_names", "[]")))
-        if mismatched or not tensors or expected_names != set(tensors):
-            self._discard(path, f"does not match what was expected ({mismatched or 'tensor set'})")
-            return None
-        problem = tensor_problem(tensors, spec)
+        tensors, problem = self.read(path, expected, spec)
         if problem is not None:
-            self._discard(path, f"valid on its face but {problem}")
+            self._discard(path, problem)
             return None
         try:
             os.utime(path)  # recency for LRU eviction
@@ -208,21 +226,60 @@ class DiskCache:
             pass
         return tensors
 
+    def read(
+        self, path: Path, expected: dict[str, str], spec: TensorSpec | None = None
+    ) -> tuple[Tensors | None, str | None]:
+        """The tensors of the entry file at `path` and None, or None and why they cannot be trusted:
+        unreadable (truncated, garbage), metadata other than `expected`, or tensors other than `spec`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as exc:  # truncated, garbage, or a half-written file from a crash
+            return None, f"unreadable ({exc.__class__.__name__}: {exc})"
+        mismatched = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
+        expected_names = set(json.loads(metadata.get("tensor_names", "[]")))
+        if mismatched or not tensors or expected_names != set(tensors):
+            return None, f"does not match what was expected ({mismatched or 'tensor set'})"
+        problem = tensor_problem(tensors, spec)
+        if problem is not None:
+            return None, f"valid on its face but {problem}"
+        return tensors, None
+
     def put(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> None:
         """Write atomically (temporary file, then rename), then evict down to the size cap."""
-        from safetensors.torch import save_file
+        self.adopt(key, self.write_temp(key, tensors, metadata))
 
+    def temp_path(self, key: str) -> Path:
+        """A new empty file beside `key`'s entry, which readers never open (`adopt` renames it in)."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        meta = {**metadata, "tensor_names": json.dumps(sorted(cpu))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=self.SUFFIX)
         os.close(fd)
+        return Path(tmp)
+
+    def write_temp(self, key: str, tensors: Tensors, metadata: dict[str, str]) -> Path:
+        """`key`'s entry written to a temporary file (see `temp_path`), not yet visible to readers."""
+        from safetensors.torch import save_file
+
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        meta = {**metadata, "tensor_names": json.dumps(sorted(cpu))}
+        tmp = self.temp_path(key)
         try:
-            save_file(cpu, tmp, metadata=meta)
-            os.replace(tmp, path)
+            save_file(cpu, str(tmp), metadata=meta)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def adopt(self, key: str, tmp: Path) -> None:
+        """Make a complete temporary file `key`'s entry in one rename, then evict down to the size cap."""
+        try:
+            os.replace(tmp, self.path_for(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
         self.evict()
 
@@ -284,7 +341,7 @@ class EmbeddingCache:
     for (see the module's "Placement").
     """
 
-    def __init__(self, memory: MemoryCache | None = None, disk: DiskCache | None = None) -> None:
+    def __init__(self, memory: MemoryCache | None = None, disk: DiskCache | RemoteCache | None = None) -> None:
         self.memory = memory if memory is not None else MemoryCache()
         self.disk = disk
         self.stats = CacheStats()
