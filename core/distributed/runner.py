@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from functools import partial
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
@@ -21,6 +22,7 @@ from promptseg.errors import ImageError, OptionError, PromptsegError
 logger = logging.getLogger(__name__)
 
 URL_MARK = "://"
+MAX_BLOCKS = 4096
 
 
 def segment_on_ray(
@@ -91,11 +93,13 @@ def _run(ray, entries, labels, options, load, actors, cpus, gpus, batch_size, re
     from tqdm import tqdm
 
     rows = [{"id": item_id, "image": cloudpickle.dumps(image)} for item_id, image in entries]
-    pipeline = ray.data.from_items(rows).map_batches(
+    batches = -(-len(rows) // batch_size)
+    # one block per batch (up to MAX_BLOCKS): actors share the work evenly, and a retry redoes one batch
+    pipeline = ray.data.from_items(rows, override_num_blocks=min(batches, MAX_BLOCKS)).map_batches(
         SegmentWorker,
         fn_constructor_kwargs={"prompts": labels, "options": options, "load": load, "threads": max(1, int(cpus))},
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, batches)),
+        num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=partial(_restarts, retries),
     )
     seen: set[str] = set()
     with tqdm(total=len(rows), desc="Segmenting", unit="image", disable=None if progress else True) as bar:
@@ -113,6 +117,12 @@ def _run(ray, entries, labels, options, load, actors, cpus, gpus, batch_size, re
             f"The Ray run ended without results for {len(missing)} item(s), e.g. {missing[0]}. Run them "
             "again (pass only those items); if it repeats, check the Ray logs of the cluster (`ray logs`)."
         )
+
+
+def _restarts(retries: int) -> dict[str, int]:
+    """Each actor's remote options: a dead actor is restarted, and its batch retried, `retries` times
+    (Ray Data's own default is without limit: an image that always kills its reader would loop)."""
+    return {"max_restarts": retries, "max_task_retries": retries}
 
 
 class SegmentWorker:
