@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from promptseg.errors import OptionError
 
 if TYPE_CHECKING:
     from promptseg.remote_cache import RemoteCache
@@ -86,6 +89,7 @@ def open_disk_cache(
     if cache_dir is False:
         return None
     location = cache_dir if cache_dir not in (None, True) else default_cache_location()
+    _refuse_mangled_url(location)
     if is_url(location):
         from promptseg.remote_cache import RemoteCache, local_dir_for
 
@@ -93,6 +97,15 @@ def open_disk_cache(
         return RemoteCache(url, DiskCache(local_dir_for(url), max_bytes))
     root = Path(location)
     return DiskCache(root / folder if folder else root, max_bytes)
+
+
+def _refuse_mangled_url(location: str | os.PathLike) -> None:
+    """A URL that went through `pathlib.Path` lost a slash (``s3:/bucket``); used as a folder it would
+    silently cache in a local directory of that name."""
+    text = os.fspath(location)
+    if not isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", text):
+        raise OptionError(f"The embedding cache {text!r} looks like a URL that went through pathlib.Path, which "
+                          "drops a slash. Pass the URL as a string (cache_dir=\"s3://bucket/prefix\").")
 
 
 def make_key(**parts: object) -> str:
@@ -206,6 +219,10 @@ class DiskCache:
 
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.SUFFIX}"
+
+    def contains(self, key: str) -> bool:
+        """Whether an entry is stored under `key` (not checked: `get` does that)."""
+        return self.path_for(key).exists()
 
     def get(self, key: str, expected: dict[str, str], spec: TensorSpec | None = None) -> Tensors | None:
         """The tensors stored under `key`, or None; a damaged or mismatched file is removed.

@@ -72,6 +72,7 @@ class LocalStore(Protocol):
     SUFFIX: str
 
     def path_for(self, key: str) -> Path: ...
+    def contains(self, key: str) -> bool: ...
     def get(self, key: str, expected: dict[str, str], spec: Any = None) -> Any: ...
     def read(self, path: Path, expected: dict[str, str], spec: Any = None) -> tuple[Any, str | None]: ...
     def temp_path(self, key: str) -> Path: ...
@@ -116,6 +117,18 @@ class RemoteCache:
     def path_for(self, key: str) -> Path:
         """Where `key`'s entry is kept on this machine (the local tier)."""
         return self.local.path_for(key)
+
+    def contains(self, key: str) -> bool:
+        """Whether an entry is stored under `key` on this machine or in the shared store (not checked)."""
+        if self.local.contains(key):
+            return True
+        if self.failure is not None:
+            return False
+        try:
+            return bool(self.fs.exists(self.remote_path(key)))
+        except Exception as exc:
+            self._give_up("read from", exc)
+            return False
 
     def remote_path(self, key: str) -> str:
         return f"{self.base}/{key[:2]}/{key}{self.local.SUFFIX}"

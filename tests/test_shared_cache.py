@@ -204,11 +204,16 @@ def test_second_machine_asks_a_new_prompt_without_running_the_image_encoder(stor
 
 def test_local_tier_keeps_what_was_downloaded(shared_url, make_segmenter, rgb_image, tmp_path, monkeypatch):
     on_machine(monkeypatch, tmp_path, "a")
-    make_segmenter(cache_dir=shared_url).segment(rgb_image, "cat", **NO_NMS)
+    first = make_segmenter(cache_dir=shared_url)
+    first.segment(rgb_image, "cat", **NO_NMS)
+    key = first.cache.disk.local.files()[0].name.split(".")[0]
     on_machine(monkeypatch, tmp_path, "b")
+    assert make_segmenter(cache_dir=shared_url).cache.disk.contains(key)  # in the store, not yet on b
+    assert not make_segmenter(cache_dir=shared_url).cache.disk.local.contains(key)
     downloaded = make_segmenter(cache_dir=shared_url)
     assert downloaded.segment(rgb_image, "dog", **NO_NMS).embedding_source == "disk"
     assert downloaded.cache.disk.stats.downloads == 1 and downloaded.stats.image_encoder_runs == 0
+    assert downloaded.cache.disk.contains(key) and downloaded.cache.disk.local.contains(key)
 
     again = make_segmenter(cache_dir=shared_url)  # machine b once more: its local tier answers
     assert again.segment(rgb_image, "bird", **NO_NMS).embedding_source == "disk"
@@ -369,3 +374,10 @@ def test_cache_dir_from_the_environment_may_be_a_url(tmp_path, monkeypatch):
     assert isinstance(store, RemoteCache) and store.url == f"{url}/clip"
     assert store.local.root.parent == tmp_path / "local-a"
     assert open_disk_cache(None).local.root != store.local.root  # one local tier per shared store
+
+
+def test_url_mangled_by_pathlib_is_an_option_error_not_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionError, match="Pass the URL as a string"):
+        open_disk_cache(Path("s3://bucket/prefix"))  # Path makes it s3:/bucket/prefix
+    assert not (tmp_path / "s3:").exists()
