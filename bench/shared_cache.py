@@ -95,6 +95,7 @@ def main() -> None:
         run(directory, images[:1], "warm up", False)  # first-call costs belong to no row
         local_only, _ = best_of(repeat, lambda i: run(directory, images, "cat", work / f"local-only-{i}"))
         fill, a = best_of(repeat, lambda i: run(directory, images, "cat", f"{url}/{i}", work / f"machine-a-{i}"))
+        stored = a.cache.disk.fs.du(a.cache.disk.base)  # what the store bills for
         cold, c = best_of(repeat, lambda i: run(directory, images, "dog", False))
         shared, b = best_of(repeat, lambda i: run(directory, images, "dog", f"{url}/0", work / f"machine-b-{i}"))
         again, b2 = best_of(repeat, lambda i: run(directory, images, "bird", f"{url}/0", work / f"machine-b-{i}"))
@@ -110,9 +111,10 @@ def main() -> None:
           b2.cache.disk.stats.uploads, f"{cold / again:.1f}x"]],
     )
     print_table(f"Filling the shared store (machine A, first concept), best of {repeat}",
-                ["run", "seconds", "per image", "uploads", "upload cost per image"],
-                [["local disk cache only", local_only, local_only / n, 0, ""],
-                 ["shared cache", fill, fill / n, a.cache.disk.stats.uploads, f"{(fill - local_only) / n:.3f} s"]])
+                ["run", "seconds", "per image", "uploads", "upload cost per image", "stored per image"],
+                [["local disk cache only", local_only, local_only / n, 0, "", ""],
+                 ["shared cache", fill, fill / n, a.cache.disk.stats.uploads, f"{(fill - local_only) / n:.3f} s",
+                  f"{stored / n / 1024**2:.2f} MiB"]])
     if b.stats.image_encoder_runs or a.cache.disk.failure or b.cache.disk.failure:
         sys.exit(f"the shared store was not used: {a.cache.disk.failure or b.cache.disk.failure or 'encoder ran'}")
 
