@@ -16,7 +16,7 @@ from PIL import Image
 
 from promptseg.cli import main, output_stems
 from promptseg.distributed import record_to_result, segment_on_ray
-from promptseg.errors import OptionError
+from promptseg.errors import ModelLoadError, OptionError
 from tolerance import FLOAT_ATOL, assert_results_agree, full_size_probabilities
 
 ray = pytest.importorskip("ray")
@@ -121,6 +121,29 @@ def test_a_dead_actor_is_restarted_and_every_item_comes_back_once(local_ray, tin
         assert_matches_core(by_id[f"path-{i}"], core_segmenter, path)
 
 
+class AlwaysDies:
+    """Pixels whose every read kills the process reading them (a native crash, an out-of-memory kill)."""
+
+    shape = (32, 32, 3)
+
+    def __array__(self, dtype=None, copy=None):
+        os._exit(1)
+
+
+def test_an_image_that_kills_every_actor_is_an_error_record_after_its_retries(local_ray, tiny_sam3_dir,
+                                                                              image_paths, core_segmenter):
+    records = run_on_ray([{"id": "poison", "image": AlwaysDies()}, image_paths[2]], tiny_sam3_dir, max_retries=1)
+    by_id = {record["id"]: record for record in records}
+    assert len(records) == 2 and set(by_id) == {"poison", image_paths[2]}
+    assert "died 2 time(s)" in by_id["poison"]["error"] and "without --ray" in by_id["poison"]["error"]
+    assert_matches_core(by_id[image_paths[2]], core_segmenter, image_paths[2])
+
+
+def test_a_model_that_does_not_load_on_the_actors_fails_the_run_with_its_error(local_ray, tmp_path, image_paths):
+    with pytest.raises(ModelLoadError, match="could not load the segmenter: No model directory at .*Every machine"):
+        list(segment_on_ray(image_paths[:1], PROMPTS, model=str(tmp_path / "no-model"), actors=1, progress=False))
+
+
 def test_a_corrupt_image_is_an_error_record_and_the_run_completes(local_ray, tiny_sam3_dir, image_paths,
                                                                   core_segmenter, tmp_path):
     corrupt = tmp_path / "corrupt.png"
@@ -154,6 +177,8 @@ def test_bad_resources_fail_before_ray_starts():
         list(segment_on_ray(["x.png"], PROMPTS, actors=0))
     with pytest.raises(OptionError, match="needs a CPU or a GPU"):
         list(segment_on_ray(["x.png"], PROMPTS, num_cpus_per_actor=0))
+    with pytest.raises(OptionError, match="max_retries must be a whole number of at least 1"):
+        list(segment_on_ray(["x.png"], PROMPTS, max_retries=0))
 
 
 def run_cli(paths, tiny_sam3_dir, out: Path, *extra) -> int:

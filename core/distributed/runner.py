@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from functools import partial
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
@@ -17,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from promptseg.distributed.records import error_record, result_to_record
-from promptseg.errors import ImageError, OptionError, PromptsegError
+from promptseg.errors import ImageError, ModelLoadError, OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ def segment_on_ray(
 
     Each actor loads one segmenter (`model`, `dtype` ``"auto"``: fp16 on GPUs) with
     `num_cpus_per_actor` CPUs (torch uses that many threads) and `num_gpus_per_actor` GPUs (then
-    `device` defaults to ``"cuda"``). An actor that dies is restarted and its items retried, up to
-    `max_retries` times; every item is yielded exactly once. `address` is a Ray cluster's address
+    `device` defaults to ``"cuda"``). An actor that dies is restarted and the batch it was on retried
+    up to `max_retries` times (at least 1); a batch that still kills its actor gives error records
+    saying so. Every item is yielded exactly once. `address` is a Ray cluster's address
     (``"auto"``: the one this machine belongs to); without it, a Ray this process is already
     connected to is used, else a local one is started with ``actors x num_cpus_per_actor`` CPUs and
     stopped at the end. `options` and the options given by name are those of `Segmenter.segment`,
@@ -95,15 +97,24 @@ def _run(ray, entries, labels, options, load, actors, cpus, gpus, batch_size, re
     rows = [{"id": item_id, "image": cloudpickle.dumps(image)} for item_id, image in entries]
     batches = -(-len(rows) // batch_size)
     # one block per batch (up to MAX_BLOCKS): actors share the work evenly, and a retry redoes one batch
-    pipeline = ray.data.from_items(rows, override_num_blocks=min(batches, MAX_BLOCKS)).map_batches(
-        SegmentWorker,
-        fn_constructor_kwargs={"prompts": labels, "options": options, "load": load, "threads": max(1, int(cpus))},
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, batches)),
-        num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=partial(_restarts, retries),
-    )
+    items = ray.data.from_items(rows, override_num_blocks=min(batches, MAX_BLOCKS))
+    # one batch in flight per actor: an actor that dies takes only the batch it was segmenting with it
+    pool = ray.data.ActorPoolStrategy(size=min(actors, batches), max_tasks_in_flight_per_actor=1)
+    with warnings.catch_warnings():
+        # the only way Ray Data (< 2.64, pinned in the `ray` extra) takes a limit on actor restarts
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        pipeline = items.map_batches(
+            SegmentWorker,
+            fn_constructor_kwargs={"prompts": labels, "options": options, "load": load, "threads": max(1, int(cpus))},
+            batch_size=batch_size, batch_format="numpy", compute=pool,
+            num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=partial(_restarts, retries),
+        )
+    # a batch whose actor died on it more than `retries` times is dropped, not the run: its items
+    # become error records below
+    pipeline.context.max_errored_blocks = -1
     seen: set[str] = set()
     with tqdm(total=len(rows), desc="Segmenting", unit="image", disable=None if progress else True) as bar:
-        for row in pipeline.iter_rows():
+        for row in _rows(ray, pipeline):
             item_id = str(row["id"])
             if item_id in seen:
                 logger.info("Item %s was delivered twice (its batch was retried): kept once", item_id)
@@ -111,18 +122,42 @@ def _run(ray, entries, labels, options, load, actors, cpus, gpus, batch_size, re
             seen.add(item_id)
             bar.update(1)
             yield json.loads(row["record"])
-    missing = [item_id for item_id, _ in entries if item_id not in seen]
-    if missing:
-        raise PromptsegError(
-            f"The Ray run ended without results for {len(missing)} item(s), e.g. {missing[0]}. Run them "
-            "again (pass only those items); if it repeats, check the Ray logs of the cluster (`ray logs`)."
-        )
+        for item_id, image in entries:
+            if item_id not in seen:
+                bar.update(1)
+                yield error_record(item_id, str(image) if isinstance(image, (str, os.PathLike)) else None,
+                                   lost_message(retries, batch_size), {})
+
+
+def _rows(ray, pipeline) -> Iterator[dict]:
+    """The pipeline's rows; an actor that cannot start (the model does not load there) is that error."""
+    try:
+        yield from pipeline.iter_rows()
+    except ray.exceptions.RayActorError as exc:
+        if not getattr(exc, "_actor_init_failed", False):
+            raise
+        # the actor's exception reaches the driver as text only: its last line names the error
+        lines = [line for line in str(getattr(exc, "error_msg", exc)).splitlines() if line.startswith("promptseg.errors.")]
+        cause = lines[-1].partition(": ")[2] if lines else str(exc).splitlines()[0]
+        raise ModelLoadError(
+            f"The Ray actors could not load the segmenter: {cause} Every machine of the cluster needs "
+            "promptseg installed and the model reachable (a hub id, or a folder at the same path on each)."
+        ) from exc
+
+
+def lost_message(retries: int, batch_size: int) -> str:
+    """What an item gets whose actor died on its batch every time (a crash or an out-of-memory kill)."""
+    batch = "" if batch_size == 1 else f" (or another item of its batch of {batch_size})"
+    return (f"The Ray actor segmenting this image died {retries + 1} time(s) on it{batch}: a crash while "
+            "reading or segmenting it, or the actor ran out of memory. Segment it alone (promptseg segment "
+            "without --ray) to see the error, or give each actor more memory.")
 
 
 def _restarts(retries: int) -> dict[str, int]:
-    """Each actor's remote options: a dead actor is restarted, and its batch retried, `retries` times
-    (Ray Data's own default is without limit: an image that always kills its reader would loop)."""
-    return {"max_restarts": retries, "max_task_retries": retries}
+    """Each actor's remote options: a dead actor is always restarted (a long run may lose many), and
+    the batch it died on is retried `retries` times (Ray Data's own default is without limit: an
+    image that always kills its reader would loop)."""
+    return {"max_restarts": -1, "max_task_retries": retries}
 
 
 class SegmentWorker:
@@ -219,8 +254,9 @@ def _check_resources(actors: Any, cpus: Any, gpus: Any, batch_size: Any, retries
         raise OptionError(f"actors must be a whole number of at least 1, got {actors!r}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise OptionError(f"batch_size must be a whole number of at least 1, got {batch_size!r}.")
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise OptionError(f"max_retries must be a whole number (0 or more), got {retries!r}.")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 1:
+        # measured: with no restart, Ray Data dropped another actor's batch along with the dead one's
+        raise OptionError(f"max_retries must be a whole number of at least 1, got {retries!r}.")
     for name, value in (("num_cpus_per_actor", cpus), ("num_gpus_per_actor", gpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise OptionError(f"{name} must be a number of 0 or more, got {value!r}.")
