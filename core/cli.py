@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(HOST:6379, or 'auto' on one of its machines), or none for a local Ray; same outputs "
                      "(see docs/scaling.md)")
     seg.add_argument("--actors", type=int, default=2, metavar="N",
-                     help="with --ray: how many actors, each with one loaded model (default: %(default)s)")
+                     help="with --ray: how many actors, each with one loaded model on one CPU, or on one GPU with "
+                     "--device cuda (default: %(default)s)")
     add_model_options(seg)
     add_segment_options(seg)
     seg.set_defaults(func=run_segment)
@@ -414,9 +415,11 @@ def run_segment_on_ray(args: argparse.Namespace, options, images: list[str], ste
                           "(or leave out --ray).")
     if args.actors < 1:
         raise OptionError(f"--actors takes a whole number of at least 1, not {args.actors}.")
+    gpus = args.device.startswith("cuda")  # one GPU per actor; Ray picks which (it sets CUDA_VISIBLE_DEVICES)
     records = segment_on_ray(
-        [{"id": path, "image": os.path.abspath(path)} for path in images], args.prompts, model=args.model, actors=args.actors, address=args.ray or None,
-        device=None if args.device == "auto" else args.device, dtype=args.dtype,
+        [{"id": path, "image": os.path.abspath(path)} for path in images], args.prompts, model=args.model,
+        actors=args.actors, address=args.ray or None, num_gpus_per_actor=1 if gpus else 0,
+        device="cuda" if gpus else (None if args.device == "auto" else args.device), dtype=args.dtype,
         cache_dir=False if args.no_cache else args.cache_dir, clip=args.clip, max_pixels=args.max_pixels,
         options=options,
     )

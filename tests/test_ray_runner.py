@@ -144,6 +144,11 @@ def test_a_model_that_does_not_load_on_the_actors_fails_the_run_with_its_error(l
         list(segment_on_ray(image_paths[:1], PROMPTS, model=str(tmp_path / "no-model"), actors=1, progress=False))
 
 
+def test_actors_asking_for_a_gpu_the_local_ray_lacks_fail_at_once(local_ray, image_paths):
+    with pytest.raises(OptionError, match="asks for 1 GPU.* but the Ray cluster has 0"):
+        list(segment_on_ray(image_paths[:1], PROMPTS, num_gpus_per_actor=1, progress=False))
+
+
 def test_a_corrupt_image_is_an_error_record_and_the_run_completes(local_ray, tiny_sam3_dir, image_paths,
                                                                   core_segmenter, tmp_path):
     corrupt = tmp_path / "corrupt.png"

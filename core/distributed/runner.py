@@ -82,6 +82,7 @@ def segment_on_ray(
     ray = _import_ray()
     started = _connect(ray, address, actors * num_cpus_per_actor)
     try:
+        _check_cluster(ray, address, num_cpus_per_actor, num_gpus_per_actor)
         yield from _run(ray, entries, labels, checked, load, actors, num_cpus_per_actor, num_gpus_per_actor,
                         batch_size, max_retries, progress)
     finally:
@@ -262,6 +263,21 @@ def _check_resources(actors: Any, cpus: Any, gpus: Any, batch_size: Any, retries
             raise OptionError(f"{name} must be a number of 0 or more, got {value!r}.")
     if cpus == 0 and gpus == 0:
         raise OptionError("An actor needs a CPU or a GPU: give num_cpus_per_actor or num_gpus_per_actor above 0.")
+
+
+def _check_cluster(ray, address: str | None, cpus: float, gpus: float) -> None:
+    """Refuse actors that no machine of a local Ray can hold (Ray would wait for them for ever); on a
+    cluster, only warn: an autoscaler may still add such machines."""
+    have = ray.cluster_resources()
+    for name, need in (("CPU", cpus), ("GPU", gpus)):
+        if need > have.get(name, 0):
+            message = (f"Each actor asks for {need:g} {name}(s) but the Ray cluster has {have.get(name, 0):g}: "
+                       "ask for fewer per actor (num_cpus_per_actor / num_gpus_per_actor; on the command line "
+                       "leave out --device cuda), or run on a cluster that has them.")
+            if address:
+                logger.warning("%s The actors wait until the cluster has them.", message)
+            else:
+                raise OptionError(message)
 
 
 def _import_ray():
