@@ -8,6 +8,7 @@ package. FiftyOne is imported only when the plugin is registered or a name below
     dataset.apply_model(PromptsegModel(["car"]), "sam3")
     video_dataset.apply_model(PromptsegVideoModel(["car"]), "sam3")   # frames.sam3, index = object id
     segment_samples(view, ["car", "person"], "sam3")          # skip/resume, run record, batches
+    segment_on_ray(view, ["car"], "sam3", actors=8)            # the same on Ray actors, bulk writes
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _LAZY = {
     "PromptsegModel": "promptseg_fiftyone.model",
     "PromptsegVideoModel": "promptseg_fiftyone.model",
     "segment_samples": "promptseg_fiftyone.runner",
+    "segment_on_ray": "promptseg_fiftyone.on_ray",
     "RunSummary": "promptseg_fiftyone.runner",
     "to_detections": "promptseg_fiftyone.convert",
     "to_segmentation": "promptseg_fiftyone.convert",

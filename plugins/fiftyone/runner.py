@@ -292,7 +292,7 @@ def segment_samples(
     resolve_max_pixels(getattr(segmenter, "max_pixels", None))  # a bad PROMPTSEG_MAX_PIXELS stops the run here
 
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
-    config = _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output)
+    config = _run_config(dataset, segmenter.describe(), fixed, prompt_field, exemplar_field, options, overwrite, output)
     if exists and not overwrite:
         _warn_if_settings_changed(dataset, summary, config)
     if not exists:
@@ -340,7 +340,8 @@ def _segment_video_samples(samples, fixed, label_field, segmenter, prompt_field,
                            output, mask_dir, mask_path_min_pixels, progress, stride, new_threshold) -> RunSummary:
     """A video dataset or view through `promptseg_fiftyone.video.segment_videos`, recorded like an image run."""
     summary = RunSummary(run_key=run_key_for(label_field), label_field=label_field, total=len(samples))
-    config = _run_config(samples._dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output)
+    config = _run_config(samples._dataset, segmenter.describe(), fixed, prompt_field, exemplar_field, options,
+                         overwrite, output)
     started = time.perf_counter()
     try:
         segment_videos(samples, fixed, label_field, segmenter=segmenter, summary=summary, prompt_field=prompt_field,
@@ -417,15 +418,16 @@ def _store_mask_targets(dataset, label_field: str, class_ids: dict[str, int]) ->
         dataset.mask_targets = {**dataset.mask_targets, label_field: targets}  # the setter saves
 
 
-def _run_config(dataset, segmenter, fixed, prompt_field, exemplar_field, options, overwrite, output="detections"):
+def _run_config(dataset, description, fixed, prompt_field, exemplar_field, options, overwrite, output="detections"):
+    """The run record's config; `description` is the segmenter's `describe()` (at least its "model")."""
     return dataset.init_run(
         method="promptseg",
         prompts=list(fixed),
         prompt_field=prompt_field,
         exemplar_field=exemplar_field,
         options=_recorded(options),
-        model=segmenter.describe()["model"],
-        segmenter=segmenter.describe(),
+        model=description["model"],
+        segmenter=dict(description),
         overwrite=bool(overwrite),
         output=output,
     )
