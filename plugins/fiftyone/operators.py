@@ -5,7 +5,8 @@ the `suggest_prompts` operator (CLIP's ranked phrases for one sample, to copy in
     segment = foo.get_operator("@promptseg/fiftyone/segment_with_text")
     segment(dataset_or_view, prompts=["car", "person"], label_field="sam3")  # or delegate=True
 
-The work is `runner.segment_samples`; this module only turns form parameters into its arguments.
+The work is `runner.segment_samples`, or `on_ray.segment_on_ray` when "Run on Ray" is on; this
+module only turns form parameters into their arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ FORM_OPTIONS = {
 }
 """The `SegmentOptions` the App's form shows (defaults, ranges and help come from the core); the
 Python call and ``segment_samples`` take every option."""
+SELECTION_TARGETS = ("SELECTED_SAMPLES", "SELECTED_LABELS")
+"""View targets that are a selection: the form offers Ray for whole datasets and views only."""
 
 
 class SegmentWithText(foo.Operator):
@@ -116,6 +119,8 @@ class SegmentWithText(foo.Operator):
             for name in FORM_OPTIONS:
                 if name != "threshold":
                     _option_input(inputs, ctx, name)
+        if _ray_offered(ctx):
+            _ray_inputs(inputs, ctx)
         inputs.bool(
             "delegate", default=False, label="Delegate",
             description="Queue the run for a delegated-operations worker instead of running it now.",
@@ -129,21 +134,24 @@ class SegmentWithText(foo.Operator):
         target = ctx.target_view()
         video = target.media_type == "video"
         try:
-            summary = segment_samples(
-                target,
-                prompts=params.get("prompts") or None,
-                label_field=params.get("label_field", "promptseg"),
-                model=params.get("model") or None,
-                device=params.get("device") or "auto",
-                prompt_field=params.get("prompt_field") or None,
-                exemplar_field=params.get("exemplar_field") or None,
-                overwrite=bool(params.get("overwrite", False)),
-                output=params.get("output") or "detections",
-                progress=_ProgressReporter(ctx, unit="frames" if video else "samples"),
-                options=SegmentOptions.from_flat(**_options_in(params)),
-                **({"stride": int(params.get("stride") or 1), "new_threshold": params.get("new_threshold")}
-                   if video else {}),
-            )
+            if params.get("on_ray") and _ray_offered(ctx):
+                summary = _segment_on_ray(ctx, target)
+            else:
+                summary = segment_samples(
+                    target,
+                    prompts=params.get("prompts") or None,
+                    label_field=params.get("label_field", "promptseg"),
+                    model=params.get("model") or None,
+                    device=params.get("device") or "auto",
+                    prompt_field=params.get("prompt_field") or None,
+                    exemplar_field=params.get("exemplar_field") or None,
+                    overwrite=bool(params.get("overwrite", False)),
+                    output=params.get("output") or "detections",
+                    progress=_ProgressReporter(ctx, unit="frames" if video else "samples"),
+                    options=SegmentOptions.from_flat(**_options_in(params)),
+                    **({"stride": int(params.get("stride") or 1), "new_threshold": params.get("new_threshold")}
+                       if video else {}),
+                )
         except PromptsegError as exc:
             raise ValueError(str(exc)) from exc
         if not ctx.delegated:
@@ -175,6 +183,10 @@ class SegmentWithText(foo.Operator):
         new_threshold=None,
         delegate=False,
         delegation_target=None,
+        on_ray=False,
+        ray_address=None,
+        actors=2,
+        gpus_per_actor=0,
         options: SegmentOptions | None = None,
         **flat,
     ):
@@ -182,7 +194,9 @@ class SegmentWithText(foo.Operator):
 
         `options` (a `SegmentOptions`) and options by name (``threshold=0.3``, any
         `SegmentOptions` field) are checked here, before anything is queued. `stride` and
-        `new_threshold` apply to video datasets (see `runner.segment_samples`).
+        `new_threshold` apply to video datasets (see `runner.segment_samples`). ``on_ray=True`` runs
+        it on `actors` Ray actors (`gpus_per_actor` GPUs each) of the cluster at `ray_address`, or of
+        a local Ray without one (see `on_ray.segment_on_ray`).
         """
         from promptseg_fiftyone.runner import check_segment_options
 
@@ -199,6 +213,8 @@ class SegmentWithText(foo.Operator):
             "exemplar_field": exemplar_field,
             "output": output,
             "delegate": delegate,
+            **({"on_ray": True, "ray_address": ray_address, "ray_actors": actors,
+                "ray_gpus_per_actor": gpus_per_actor} if on_ray else {}),
             **({"stride": stride, "new_threshold": new_threshold} if sample_collection.media_type == "video" else {}),
             # params travel as JSON (a delegated run stores them): tuples become lists
             **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()},
@@ -305,6 +321,70 @@ class _ProgressReporter:
         self.last = now
         self.ctx.set_progress(progress=self.done / total if total else 1.0,
                               label=f"Segmented {self.done} of {total} {self.unit}")
+
+
+def _ray_offered(ctx) -> bool:
+    """Whether the form offers "Run on Ray": an image dataset, a whole dataset or view as the target."""
+    if ctx.dataset is None or ctx.dataset.media_type == "video":
+        return False
+    target = ctx.params.get("view_target") or ctx.request_params.get("view_target")
+    return target not in SELECTION_TARGETS
+
+
+def _ray_inputs(inputs, ctx) -> None:
+    """The form fields of a run on Ray: the switch, then the cluster, the actors and their GPUs."""
+    switch = inputs.bool(
+        "on_ray", default=False, label="Run on Ray",
+        description="Segment on Ray actors that each keep one loaded model; labels are written in bulk "
+        "and a rerun skips the samples already done. The actors read the samples' filepaths.",
+    )
+    if not ctx.params.get("on_ray"):
+        return
+    problem = _ray_problem(ctx.params)
+    if problem:
+        switch.invalid, switch.error_message = True, problem
+    inputs.str("ray_address", default=None, required=False, label="Ray address",
+               description="A Ray cluster: HOST:6379, or 'auto' on one of its machines. Blank: a local Ray "
+               "on this machine, started for the run.")
+    inputs.int("ray_actors", default=2, min=1, label="Actors",
+               description="Ray actors, each with one loaded model and one CPU.")
+    inputs.float("ray_gpus_per_actor", default=0, min=0, label="GPUs per actor",
+                 description="0 on CPU clusters; 1 gives each actor a GPU (the model then runs in fp16).")
+
+
+def _ray_problem(params) -> str | None:
+    """Why a run cannot go to Ray, or None: Ray runs take the typed prompts only."""
+    used = [label for name, label in (("prompt_field", "Prompt field"), ("exemplar_field", "Exemplar boxes"))
+            if params.get(name)]
+    if used:
+        return (f"Runs on Ray take the typed prompts only, not {' or '.join(used)}: clear "
+                f"{' and '.join(used)}, or turn Run on Ray off.")
+    return None
+
+
+def _segment_on_ray(ctx, target):
+    """The operator's run on Ray actors (`on_ray.segment_on_ray`) with the form's parameters."""
+    from promptseg_fiftyone.on_ray import segment_on_ray
+
+    params = ctx.params
+    problem = _ray_problem(params)
+    if problem:
+        raise OptionError(problem)
+    device = params.get("device") or "auto"
+    return segment_on_ray(
+        target,
+        prompts=params.get("prompts") or None,
+        label_field=params.get("label_field", "promptseg"),
+        actors=int(params.get("ray_actors") or 2),
+        address=params.get("ray_address") or None,
+        num_gpus_per_actor=float(params.get("ray_gpus_per_actor") or 0),
+        model=params.get("model") or None,
+        device=None if device == "auto" else device,
+        overwrite=bool(params.get("overwrite", False)),
+        output=params.get("output") or "detections",
+        progress=_ProgressReporter(ctx),
+        options=SegmentOptions.from_flat(**_options_in(params)),
+    )
 
 
 def _video_inputs(inputs) -> None:
