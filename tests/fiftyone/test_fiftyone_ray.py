@@ -10,7 +10,7 @@ import logging
 import pytest
 from fo_helpers import URI, detections_payload
 
-from promptseg.errors import OptionError, PromptError
+from promptseg.errors import ModelLoadError, OptionError, PromptError
 from tolerance import assert_results_agree, full_size_probabilities
 
 ray = pytest.importorskip("ray")
@@ -180,6 +180,16 @@ def test_bad_requests_stop_before_ray_is_asked(ray_dataset, tiny_sam3_dir, sent,
     with pytest.raises(error, match=words):
         segment_on_ray(ray_dataset, model=str(tiny_sam3_dir), **arguments)
     assert sent == [] and not ray_dataset.has_field("ray")
+
+
+def test_a_model_the_actors_cannot_load_fails_the_run_and_writes_nothing(local_ray, ray_dataset, tmp_path):
+    from promptseg_fiftyone.on_ray import segment_on_ray
+
+    with pytest.raises(ModelLoadError, match="could not load the segmenter"):
+        segment_on_ray(ray_dataset, PROMPTS, "ray", actors=1, model=str(tmp_path / "no-model"), device="cpu")
+    assert ray_dataset.count("ray") == 0
+    recorded = ray_dataset.load_run_results("promptseg_ray")  # the run is recorded: nothing done, nothing failed
+    assert (recorded.processed, recorded.failed_count) == (0, 0)
 
 
 def test_a_delegated_run_on_ray_is_queued_then_executed_with_progress(fo, local_ray, ray_dataset, tiny_sam3_dir,
