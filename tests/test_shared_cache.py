@@ -25,7 +25,7 @@ from PIL import Image
 from tolerance import assert_results_agree, full_size_probabilities
 
 import promptseg
-from promptseg.cache import open_disk_cache
+from promptseg.cache import default_cache_dir, open_disk_cache
 from promptseg.errors import OptionError
 from promptseg.masks import tight_box
 from promptseg.remote_cache import RemoteCache
@@ -257,7 +257,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from promptseg.cache import open_disk_cache
+    from promptseg.cache import default_cache_dir, open_disk_cache
 
     url, key, value, ready, go, rounds = sys.argv[1:7]
     store = open_disk_cache(url)
@@ -374,6 +374,7 @@ def test_cache_dir_from_the_environment_may_be_a_url(tmp_path, monkeypatch):
     assert isinstance(store, RemoteCache) and store.url == f"{url}/clip"
     assert store.local.root.parent == tmp_path / "local-a"
     assert open_disk_cache(None).local.root != store.local.root  # one local tier per shared store
+    assert default_cache_dir() == open_disk_cache(None).local.root  # what `promptseg cache` and doctor look at
 
 
 def test_url_mangled_by_pathlib_is_an_option_error_not_a_local_folder(tmp_path, monkeypatch):
