@@ -52,7 +52,7 @@ def redact(text: str) -> str:
 
 
 def local_dir_for(url: str) -> Path:
-    """The local tier of the shared store at `url`: a folder named after the URL under
+    """The local tier of the shared store at `url`: a folder named after a hash of the URL under
     `PROMPTSEG_LOCAL_CACHE_DIR`, else under the platform's user cache directory."""
     base = os.environ.get("PROMPTSEG_LOCAL_CACHE_DIR")
     if base:
@@ -92,7 +92,7 @@ class SharedStats:
 class RemoteCache:
     """Entries in an fsspec file system several machines share, read through a local `DiskCache`.
 
-    Same interface as `promptseg.cache.DiskCache` (`get`, `put`, `path_for`, `root`), so the
+    Same interface as `promptseg.cache.DiskCache` (`get`, `put`, `contains`, `path_for`, `root`), so the
     embedding cache uses either without knowing which.
     """
 
