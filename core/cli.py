@@ -7,6 +7,7 @@ the ``promptseg_add_commands`` hook, so this module imports no host package.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Segment every instance of each prompt in each image.",
                          epilog=f"{OUTPUT_NAMES} {EXIT_CODES}")
     seg.add_argument("images", nargs="+", metavar="IMAGE",
-                     help="image files (png, jpg, tif, ...), or videos (mp4, mov, ...; folders and TIFFs with --video)")
+                     help="image files (png, jpg, tif, ...), folders of them, quoted patterns such as 'photos/*.jpg', "
+                     "or videos (mp4, mov, ...; folders and TIFFs with --video)")
     seg.add_argument("-p", "--prompt", dest="prompts", action="append", default=None,
                      metavar="PROMPT", help="a noun phrase, e.g. 'red car'; repeat for several")
     seg.add_argument("--point", dest="points", action="append", type=point_argument, default=None,
@@ -270,6 +272,32 @@ def load_from_args(args: argparse.Namespace):
                           clip=getattr(args, "clip", None), max_pixels=getattr(args, "max_pixels", None))
 
 
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image inputs as files: a folder gives the image files under it (sorted, subfolders too), a
+    pattern such as ``'photos/*.jpg'`` that names no file gives its matches (quoted, so the shell
+    leaves it alone; ``**`` crosses folders); anything else stays as given."""
+    from PIL import Image
+
+    suffixes = set(Image.registered_extensions()) | {".tif", ".tiff"}
+    files = []
+    for item in inputs:
+        if Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise OptionError(f"The folder {item} holds no image files ({', '.join(sorted(suffixes)[:6])}, ...): "
+                                  "pass another folder, or the files themselves.")
+            files += found
+        elif not os.path.exists(item) and any(mark in item for mark in "*?["):
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise OptionError(f"No file matches {item}: check the pattern (quote it so the shell leaves it to "
+                                  "promptseg; ** crosses folders).")
+            files += found
+        else:
+            files.append(item)
+    return files
+
+
 def distinct_files(images: list[str]) -> tuple[list[str], list[str]]:
     """The inputs with repeats of the same file removed (first spelling kept), and the repeats."""
     seen, distinct, repeated = set(), [], []
@@ -361,7 +389,7 @@ def run_segment(args: argparse.Namespace) -> int:
         if args.ray is not None:
             raise OptionError("--ray segments images: segment videos without it (one video runs on one machine).")
         return run_video(args, options)
-    images, repeated = distinct_files(args.images)
+    images, repeated = distinct_files(expand_inputs(args.images))
     stems = output_stems(images, args.out)
     kind = "stack" if args.stack else args.format
     check_no_input_overwritten(stems, args.out, kind)

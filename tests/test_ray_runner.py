@@ -226,3 +226,17 @@ def test_cli_refuses_ray_with_visual_prompts(tiny_sam3_dir, image_paths, tmp_pat
     code = main(["segment", image_paths[0], "--point", "10,10", "--model", str(tiny_sam3_dir),
                  "--out", str(tmp_path / "out"), "--ray"])
     assert code == 2 and "--ray segments images with text prompts" in capsys.readouterr().err
+
+
+def test_cli_takes_a_folder_or_a_quoted_pattern_for_its_images(tiny_sam3_dir, image_paths, tmp_path, capsys):
+    folder = Path(image_paths[0]).parent
+    assert run_cli([str(folder)], tiny_sam3_dir, tmp_path / "folder", "--format", "json") == 0
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["image0.json", "image1.json", "image2.json"]
+    assert run_cli([f"{folder}/image[02].png"], tiny_sam3_dir, tmp_path / "pattern", "--format", "json") == 0
+    assert sorted(p.name for p in (tmp_path / "pattern").iterdir()) == ["image0.json", "image2.json"]
+    capsys.readouterr()
+    assert run_cli([f"{folder}/*.jpeg"], tiny_sam3_dir, tmp_path / "none") == 2
+    assert "No file matches" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_cli([str(tmp_path / "empty")], tiny_sam3_dir, tmp_path / "nothing") == 2
+    assert "holds no image files" in capsys.readouterr().err
