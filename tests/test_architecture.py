@@ -305,3 +305,18 @@ def test_test_modules_have_unique_names():
     tests = Path(__file__).resolve().parent
     names = Counter(path.name for path in tests.rglob("*.py") if "__pycache__" not in path.parts)
     assert not [name for name, count in names.items() if count > 1 and name != "conftest.py"]
+
+
+def test_every_package_is_in_the_distribution():
+    """A package missing from pyproject's list works in an editable install and is absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join([top, *init.parent.relative_to(folder).parts])
+        for top, folder in PACKAGES.items()
+        for init in folder.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    assert listed - found == set(), "pyproject.toml lists packages that do not exist"
