@@ -173,17 +173,17 @@ def test_an_unreadable_url_is_an_error_record_naming_the_fix(local_ray, tiny_sam
     ([{"path": "x.png"}], "without an 'image' key"),
 ])
 def test_bad_items_fail_before_ray_starts(items, words):
-    with pytest.raises(OptionError, match=words):
-        list(segment_on_ray(items, PROMPTS, actors=1))
+    with pytest.raises(OptionError, match=words):  # at the call, not at the first record
+        segment_on_ray(items, PROMPTS, actors=1)
 
 
 def test_bad_resources_fail_before_ray_starts():
-    with pytest.raises(OptionError, match="actors must be"):
-        list(segment_on_ray(["x.png"], PROMPTS, actors=0))
+    with pytest.raises(OptionError, match="actors must be"):  # at the call: callers prepare nothing for it
+        segment_on_ray(["x.png"], PROMPTS, actors=0)
     with pytest.raises(OptionError, match="needs a CPU or a GPU"):
-        list(segment_on_ray(["x.png"], PROMPTS, num_cpus_per_actor=0))
+        segment_on_ray(["x.png"], PROMPTS, num_cpus_per_actor=0)
     with pytest.raises(OptionError, match="max_retries must be a whole number of at least 1"):
-        list(segment_on_ray(["x.png"], PROMPTS, max_retries=0))
+        segment_on_ray(["x.png"], PROMPTS, max_retries=0)
 
 
 def run_cli(paths, tiny_sam3_dir, out: Path, *extra) -> int:

@@ -78,13 +78,20 @@ def segment_on_ray(
             "device": device or ("cuda" if num_gpus_per_actor else "cpu"),
             "cache_dir": cache_dir if isinstance(cache_dir, bool) or cache_dir is None else str(cache_dir)}
     if not entries:
-        return
+        return iter(())
     ray = _import_ray()
-    started = _connect(ray, address, actors * num_cpus_per_actor)
+    # everything above runs at the call, so a bad request fails before the caller prepares anything;
+    # the cluster is joined when the first record is asked for
+    return _stream(ray, address, entries, labels, checked, load, actors, num_cpus_per_actor, num_gpus_per_actor,
+                   batch_size, max_retries, progress)
+
+
+def _stream(ray, address, entries, labels, options, load, actors, cpus, gpus, batch_size, retries, progress):
+    """Join (or start) Ray, run the pipeline, and stop a Ray started here when the records end."""
+    started = _connect(ray, address, actors * cpus)
     try:
-        _check_cluster(ray, address, num_cpus_per_actor, num_gpus_per_actor)
-        yield from _run(ray, entries, labels, checked, load, actors, num_cpus_per_actor, num_gpus_per_actor,
-                        batch_size, max_retries, progress)
+        _check_cluster(ray, address, cpus, gpus)
+        yield from _run(ray, entries, labels, options, load, actors, cpus, gpus, batch_size, retries, progress)
     finally:
         if started:
             ray.shutdown()
