@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CLIP model (default: PROMPTSEG_CLIP or ViT-B-32/laion2b_s34b_b79k)")
     suggest.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
     suggest.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    suggest.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
+    suggest.add_argument("--cache-dir", default=None, help="embedding cache: a folder or a shared store's URL (s3://...)")
     suggest.set_defaults(func=run_suggest)
 
     cache = sub.add_parser("cache", help="show or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
-    cache.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: PROMPTSEG_CACHE_DIR or the user cache dir)")
+    cache.add_argument("--cache-dir", default=None, help="cache folder, or a shared store's URL for its local tier (default: PROMPTSEG_CACHE_DIR or the user cache dir)")
     cache.set_defaults(func=run_cache)
 
     from promptseg.plugins import plugin_manager
@@ -130,7 +130,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: fp16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache: a folder or a shared store's URL (s3://...)")
     parser.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
                         help="skip images over N pixels (height x width), a guard against decompression "
@@ -625,8 +625,13 @@ def run_suggest(args: argparse.Namespace) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     from promptseg.cache import DiskCache, default_cache_dir
+    from promptseg.remote_cache import local_dir_for
 
-    disk = DiskCache(args.cache_dir or default_cache_dir())
+    shared = args.cache_dir if args.cache_dir and "://" in args.cache_dir else None
+    disk = DiskCache(local_dir_for(shared) if shared else (args.cache_dir or default_cache_dir()))
+    if shared:  # the store is shared with other machines: only this machine's copy is shown or cleared here
+        print(f"{shared} is a shared store: this is this machine's local tier of it; manage the store itself "
+              "with its own tools (e.g. aws s3 rm, a lifecycle rule).")
     if disk.root.exists() and not disk.root.is_dir():
         raise OptionError(f"The embedding cache {disk.root} is a file, not a folder. Point --cache-dir "
                           "(or PROMPTSEG_CACHE_DIR) at the cache folder.")

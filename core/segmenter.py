@@ -100,7 +100,8 @@ def load_segmenter(
     ``facebook/sam3``). `device` is ``"auto"`` (CUDA, MPS, CPU) or a torch device; `dtype` is
     ``"auto"`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
     `cache_dir` is the disk cache (default `PROMPTSEG_CACHE_DIR` or the user cache dir;
-    ``False`` for memory only). `backend` forces a registered backend by name.
+    ``False`` for memory only): a folder, or an fsspec URL (``s3://bucket/prefix``) of a store shared
+    by several machines, with a local tier in front (see docs/shared-cache.md). `backend` forces a registered backend by name.
     `clip` adds a CLIP scorer (``"ViT-B-32/laion2b_s34b_b79k"``, a path, ``hf-hub:``/``local-dir:``,
     or True for the default) for verification, negatives, label sets and suggestions
     (see `promptseg.clip.load_clip`); None (the default) changes nothing.
@@ -650,7 +651,7 @@ class Segmenter:
         key, _ = self._embedding_key(pixel_hash(load_image(image, max_pixels=self.max_pixels)), self.dtype)
         if self.cache.memory.get(key) is not None:
             return True
-        return self.cache.disk is not None and self.cache.disk.path_for(key).exists()
+        return self.cache.disk is not None and self.cache.disk.contains(key)
 
     def _embedding_key(self, pixels: str, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
         """Everything that changes an embedding: backend, weights, precision, the kind of device (a GPU's

@@ -382,3 +382,28 @@ def test_url_mangled_by_pathlib_is_an_option_error_not_a_local_folder(tmp_path, 
     with pytest.raises(OptionError, match="Pass the URL as a string"):
         open_disk_cache(Path("s3://bucket/prefix"))  # Path makes it s3:/bucket/prefix
     assert not (tmp_path / "s3:").exists()
+
+
+def test_the_command_line_takes_a_shared_store_url(tiny_sam3_dir, rgb_image, tmp_path, monkeypatch, capsys):
+    """--cache-dir keeps a URL as given (pathlib would turn s3://b into s3:/b); `cache info` on one
+    shows this machine's local tier and says the store itself is shared."""
+    from promptseg.cli import main
+
+    url = f"file://{tmp_path / 'shared-store'}"
+    local = on_machine(monkeypatch, tmp_path, "cli")
+    image = tmp_path / "image.png"
+    Image.fromarray(rgb_image).save(image)
+    code = main(["segment", str(image), "-p", "red square", "--model", str(tiny_sam3_dir), "--device", "cpu",
+                 "--dtype", "fp32", "--cache-dir", url, "--out", str(tmp_path / "out")])
+    assert code == 0 and len(shared_entries(url)) == 1
+    capsys.readouterr()
+    assert main(["cache", "info", "--cache-dir", url]) == 0
+    said = capsys.readouterr().out
+    assert "is a shared store" in said and "1 embedding(s)" in said and str(local) in said
+
+
+def test_label_studio_passes_a_shared_store_url_as_given():
+    from promptseg_labelstudio.config import BackendConfig
+
+    config = BackendConfig.from_env({"PROMPTSEG_CACHE_DIR": "s3://bucket/embeddings"})
+    assert config.cache_dir == "s3://bucket/embeddings"

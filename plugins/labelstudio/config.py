@@ -46,7 +46,7 @@ class BackendConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    cache_dir: Path | None = None
+    cache_dir: str | Path | None = None
     threshold: float | None = None
     label_studio_url: str | None = None
     api_key: str | None = None
@@ -129,7 +129,7 @@ class BackendConfig:
         values = dict(
             model=env.get("PROMPTSEG_MODEL") or None,
             device=env.get("PROMPTSEG_DEVICE") or "auto",
-            cache_dir=Path(env["PROMPTSEG_CACHE_DIR"]) if env.get("PROMPTSEG_CACHE_DIR") else None,
+            cache_dir=env.get("PROMPTSEG_CACHE_DIR") or None,  # a folder or a shared store's URL, as given
             threshold=threshold_value,
             label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,
             api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
