@@ -98,9 +98,9 @@ def test_device_memory_is_handed_back_to_the_driver(monkeypatch, kind):
 def test_a_dropped_shared_segmenter_is_freed(tiny_sam3_dir, rgb_image, monkeypatch):
     from promptseg import device, sessions
 
+    sessions.clear_shared_segmenters()  # what other tests left loaded is released before counting
     released = []
     monkeypatch.setattr(device, "release_device_memory", released.append)
-    sessions.clear_shared_segmenters()
     first = sessions.shared_segmenter(str(tiny_sam3_dir), device="cpu", dtype="fp32", cache_dir=False)
     first.segment(rgb_image, "red square")
     model, cache = weakref.ref(first.backend.model), first.cache
