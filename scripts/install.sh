@@ -13,8 +13,9 @@ CONSTRAINTS=.ci/constraints.txt
 if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]" -r .ci/platform-requirements.txt
     # GUI tests need a real X server for napari's GL canvas, and the libraries Qt's xcb plugin loads;
-    # FiftyOne reads video samples with ffmpeg/ffprobe (its apply_model opens each video itself)
-    APT_PACKAGES="ffmpeg xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+    # FiftyOne reads video samples with ffmpeg/ffprobe (its apply_model opens each video itself);
+    # the quick-try page's tests drive Debian's Chromium headless
+    APT_PACKAGES="ffmpeg chromium xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
         libxkbcommon-x11-0 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxcb-xfixes0 libxcb-cursor0 libgl1
         libegl1 libfontconfig1 libdbus-1-3"
     MISSING=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
