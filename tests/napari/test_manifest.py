@@ -30,6 +30,21 @@ def test_manifest_contract():
     assert {s.key for s in manifest.contributions.sample_data} == {"nuclei", "nuclei_stack"}
 
 
+def test_plugin_manager_finds_it_by_category_classifier_and_project_urls():
+    """napari's plugin manager and hub list a plugin by its manifest categories and its package's
+    ``Framework :: napari`` classifier, and link its home and issue pages."""
+    from npe2 import PluginManifest
+    from npe2.manifest.schema import Category
+
+    manifest = PluginManifest.from_distribution("promptseg")
+    assert {Category.Segmentation, Category.Annotation} <= set(manifest.categories)
+    metadata = manifest.package_metadata
+    assert "Framework :: napari" in metadata.classifier
+    urls = dict(url.split(", ", 1) for url in metadata.project_url)
+    # the labels the napari hub shows as links
+    assert {"Source Code", "Bug Tracker", "Documentation", "User Support"} <= set(urls), urls
+
+
 @pytest.mark.gui
 @pytest.mark.slow
 def test_napari_docks_the_widget_by_its_display_name(make_napari_viewer, monkeypatch, tiny_sam3_dir):
