@@ -32,12 +32,13 @@ PACKAGES = {
     "promptseg_fiftyone": ROOT / "plugins" / "fiftyone",
     "promptseg_napari": ROOT / "plugins" / "napari",
     "promptseg_labelstudio": ROOT / "plugins" / "labelstudio",
+    "promptseg_app": ROOT / "plugins" / "app",
 }
 CORE = "promptseg"
-ADAPTERS = ("promptseg_fiftyone", "promptseg_napari", "promptseg_labelstudio")
+ADAPTERS = ("promptseg_fiftyone", "promptseg_napari", "promptseg_labelstudio", "promptseg_app")
 HOSTS = (
     "fiftyone", "napari", "magicgui", "qtpy", "PyQt5", "label_studio_sdk", "label_studio_ml", "flask",
-    "waitress", *ADAPTERS,
+    "waitress", "gradio", *ADAPTERS,
 )
 
 
