@@ -49,7 +49,7 @@ from promptseg.cache import (
 )
 from promptseg.device import dtype_name
 from promptseg.errors import CancelledError, ImageError, ModelLoadError, OptionError
-from promptseg.images import load_image, pixel_hash, resolve_max_pixels
+from promptseg.images import check_pixel_budget, load_image, pixel_hash, resolve_max_pixels
 from promptseg.masks import instances_from_probs, postprocess
 from promptseg.overflow import OverflowGuard
 from promptseg.clip.verify import check_with_clip, cleanup_for_clip, prompt_phrases
@@ -239,6 +239,43 @@ class Segmenter:
         options = _options(options, flat)
         query = self.query(prompts, options, exemplars, exemplar_labels)  # checked before any pixel is read
         return self._segment_image(image, query, options, progress, cancel)
+
+    def segment_large(
+        self,
+        image: Any,
+        prompts: str | Sequence[str],
+        options: SegmentOptions | None = None,
+        *,
+        axes: str | None = None,
+        overview: Sequence[Any] = (),
+        exemplars: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+        **flat: Any,
+    ) -> SegmentationResult:
+        """`segment` for an image larger than memory: each tile's pixels are read when that tile runs.
+
+        `image` is any 2D array numpy-style slicing reads (zarr, dask, ``numpy.memmap``, numpy),
+        laid out as `axes` ``"YX"``, ``"YXC"`` or ``"CYX"`` (guessed when None). Non-8-bit pixels
+        are scaled with percentiles estimated from a bounded sample: the largest `overview` level
+        (coarser copies of the image, e.g. a multiscale pyramid's other levels) of at most
+        `promptseg.large_images.SAMPLE_PIXELS` pixels, else windows spread over the image (see
+        `promptseg.large_images.sample_limits`). With tiling off (or ``"auto"`` on an image small
+        enough to be seen whole) the image is read whole, within the pixel budget. Options are those
+        of `segment`; the result is the same small instance form (cropped masks and boxes).
+        """
+        from promptseg.large_images import LazyRGB
+
+        options = _options(options, flat)
+        query = self.query(prompts, options, exemplars, exemplar_labels)
+        lazy = LazyRGB.open(image, axes, options.pixels.percentiles, options.pixels.channels, overview)
+        if resolve_tiling(options.tiling, lazy.shape[:2], self.backend.input_size) is None:
+            check_pixel_budget(*lazy.shape[:2], self.max_pixels, f"of shape {tuple(image.shape)}")
+            rgb = lazy[:, :]
+        else:
+            rgb = lazy
+        return self.segment_rgb(rgb, query, options, progress=progress, cancel=cancel)
 
     def _segment_image(self, image, query: Query, options: SegmentOptions, progress=None, cancel=None):
         """load -> `segment_rgb`, the result named after its file when it has one."""
