@@ -1,7 +1,8 @@
 """Backend settings, read from Label Studio's usual environment variables.
 
 Label Studio's own backends are configured by environment (``LABEL_STUDIO_URL``,
-``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``); promptseg adds its model,
+``LABEL_STUDIO_API_KEY`` (a personal access token or a legacy token), ``BASIC_AUTH_USER``/
+``BASIC_AUTH_PASS``, ``DEVICE``); promptseg adds its model,
 its default score threshold and the limits that keep a network service safe.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,6 +24,7 @@ DEFAULT_MAX_VIDEO_BYTES = 512 * 1024**2
 DEFAULT_VIDEO_DOWNLOAD_TIMEOUT = 300.0
 DEFAULT_MAX_VIDEO_FRAMES = 2000
 DEFAULT_WORK_SLOTS = 2  # waitress's default 4 threads, less 2 kept for /health and /setup
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -71,6 +74,13 @@ class BackendConfig:
             raise OptionError(f"PROMPTSEG_THRESHOLD (the default score threshold): {exc}") from None
         if self.label_studio_url:
             self.label_studio_url = check_base_url(self.label_studio_url, "LABEL_STUDIO_URL")
+        if self.api_key:
+            from promptseg_labelstudio.tokens import check_api_key
+
+            check_api_key(self.api_key)
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise OptionError(f"DEVICE (or PROMPTSEG_DEVICE) must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}: "
+                              "set DEVICE=cuda on a GPU machine, DEVICE=cpu without one, or leave it unset (auto).")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise OptionError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
         if self.document_root is not None:
@@ -128,7 +138,7 @@ class BackendConfig:
         root = env.get("LOCAL_FILES_DOCUMENT_ROOT") or env.get("PROMPTSEG_DOCUMENT_ROOT")
         values = dict(
             model=env.get("PROMPTSEG_MODEL") or None,
-            device=env.get("PROMPTSEG_DEVICE") or "auto",
+            device=env.get("PROMPTSEG_DEVICE") or env.get("DEVICE") or "auto",  # DEVICE: as Label Studio's examples
             cache_dir=env.get("PROMPTSEG_CACHE_DIR") or None,  # a folder or a shared store's URL, as given
             threshold=threshold_value,
             label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,

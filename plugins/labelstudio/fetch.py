@@ -8,14 +8,15 @@ to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` from the environment for any ho
 
 Rules: every HTTP request (redirects included) goes only to the Label Studio host or
 ``PROMPTSEG_ALLOWED_HOSTS``; the token goes only to the Label Studio host it belongs to
-(requests drops it on a redirect to another host); plain paths and Local Storage paths are
+(requests drops it on a redirect to another host), as ``Token`` (legacy) or as a ``Bearer``
+access token that `promptseg_labelstudio.tokens` gets for a personal access token from that
+host, again after a 401; plain paths and Local Storage paths are
 read only inside the document root; downloaded files are deleted once the task is done.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import posixpath
@@ -31,6 +32,7 @@ from requests.adapters import HTTPAdapter
 
 from promptseg.errors import ImageError
 from promptseg_labelstudio.download import DownloadLimits, download
+from promptseg_labelstudio.tokens import LabelStudioAuth
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +122,6 @@ def confine(root: Path | None, relative: str) -> Path:
     return candidate
 
 
-def looks_like_jwt(token: str) -> bool:
-    """Label Studio takes JWTs (personal access tokens) as ``Bearer``, legacy tokens as ``Token``."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return False
-    try:
-        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
-    except (ValueError, TypeError):
-        return False
-    return isinstance(header, dict) and "alg" in header
-
-
 def label_studio_urls(reference: str, base: str, task_id: int | None) -> list[str]:
     """The URLs a Label Studio reference is downloaded from, in the order to try them.
 
@@ -180,6 +170,7 @@ class ImageFetcher:
         limits: DownloadLimits | None = None,
     ) -> None:
         self.source = source
+        self.auth = LabelStudioAuth(source.url, source.token) if source is not None and source.token else None
         allowed = set(allowed_hosts)
         if source is not None:
             allowed.add(host_entry(source.url))
@@ -262,11 +253,10 @@ class ImageFetcher:
 
     def _headers(self, url: str) -> dict[str, str]:
         """The token, only for a request to the Label Studio host it belongs to."""
-        source = self.source
-        if source is None or not source.token or host_entry(url) != host_entry(source.url):
-            return {}
-        scheme = "Bearer" if looks_like_jwt(source.token) else "Token"
-        return {"Authorization": f"{scheme} {source.token}"}
+        return self.auth.header() if self._carries_token(url) else {}
+
+    def _carries_token(self, url: str) -> bool:
+        return self.auth is not None and host_entry(url) == host_entry(self.source.url)
 
     def _download_first(self, urls: list[str], reference: str, limits: DownloadLimits) -> Path:
         """Download the first of `urls` that answers; an HTTP error status moves on to the next one."""
@@ -277,12 +267,15 @@ class ImageFetcher:
                 logger.debug("%s; trying the next URL", exc)
         return self._download(urls[-1], reference, limits)
 
-    def _download(self, url: str, reference: str, limits: DownloadLimits) -> Path:
+    def _download(self, url: str, reference: str, limits: DownloadLimits, renewed: bool = False) -> Path:
+        """Download `url`; a 401 from Label Studio renews a personal access token's access token once."""
         try:
             return download(self.session, url, self._headers(url), self.download_dir, limits,
                             file_suffix(url) or file_suffix(reference))
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
+            if status == 401 and not renewed and self._carries_token(url) and self.auth.renew():
+                return self._download(url, reference, limits, renewed=True)
             fix = "check the URL"
             if status in (401, 403):
                 fix = "check the token (LABEL_STUDIO_API_KEY, or the one Label Studio sends with /setup)"

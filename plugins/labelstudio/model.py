@@ -227,7 +227,8 @@ class PromptsegMLBackend:
     def _no_source_hint(self, settings: ProjectSettings) -> str:
         """What to set so that Label Studio files can be fetched."""
         if self.config.label_studio_url:
-            return "set LABEL_STUDIO_API_KEY for the backend (a Label Studio legacy token)."
+            return ("set LABEL_STUDIO_API_KEY for the backend (a Label Studio personal access token, or a legacy "
+                    "token).")
         hint = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the backend"
         if self.config.api_key:
             hint += " (LABEL_STUDIO_API_KEY is only ever sent to LABEL_STUDIO_URL, which is unset)"

@@ -9,9 +9,11 @@ answers for the paths below. `LiveBackend` serves the real app with waitress on 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import time
+import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -20,6 +22,14 @@ from lshelpers import make_image
 
 TRICKLE_SECONDS = 0.1
 HUGE_BYTES = 64 * 1024**2
+
+
+def make_jwt(kind: str, seconds: float) -> str:
+    """A JWT of `kind` ("refresh", as personal access tokens are, or "access") expiring in `seconds`."""
+    import jwt
+
+    claims = {"token_type": kind, "exp": int(time.time() + seconds), "jti": uuid.uuid4().hex, "user_id": 1}
+    return jwt.encode(claims, "stand-in-signing-key-of-32-bytes-or-more", algorithm="HS256")
 
 
 def png_bytes(seed: int = 0, size=(48, 64)) -> bytes:
@@ -59,6 +69,10 @@ class StandInHost:
         self.proxy_missing = False
         self.files: dict[str, bytes] = {}  # extra paths and their bodies
         self.redirects: dict[str, str] = {}  # paths answered by a 302 to a URL
+        self.refresh_token: str | None = None
+        self.access_seconds = 300.0
+        self.issued: list[str] = []  # access tokens handed out, in order
+        self.revoked: set[str] = set()  # access tokens answered 401
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self.image = png_bytes()
@@ -92,11 +106,40 @@ class StandInHost:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except ValueError:
+                    body = None
+                with host._lock:
+                    host.requests.append({"method": "POST", "path": self.path, "body": body,
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
+                refresh = body.get("refresh") if isinstance(body, dict) else None
+                if self.path == "/api/token/refresh/" and host.refresh_token and refresh == host.refresh_token:
+                    access = make_jwt("access", host.access_seconds)
+                    with host._lock:
+                        host.issued.append(access)
+                    self.reply(200, {"access": access})
+                else:
+                    self.reply(401, {"detail": "Token is invalid or expired", "code": "token_not_valid"})
+
+            def reply(self, status: int, data: dict):
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_GET(self):
                 with host._lock:
-                    host.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
+                    host.requests.append({"method": "GET", "path": self.path,
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
                     host.active += 1
                 try:
+                    if self.headers.get("Authorization", "").removeprefix("Bearer ") in host.revoked:
+                        return self.head(401, 0)
                     self.answer(urlparse(self.path))
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the backend hung up: what the size cap and deadlines are for

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 from lshelpers import CONFIGS, free_port, stop
-from standin import LiveBackend, StandInHost, bomb_png, wait_until
+from standin import LiveBackend, StandInHost, bomb_png, make_jwt, wait_until
 
 API_KEY = "operator-api-key-0123456789"
 SETUP_TOKEN = "token-sent-with-setup"
@@ -156,16 +156,17 @@ def test_trust_setup_host_comes_from_environment_or_flag():
 
 
 def test_uploads_fall_back_to_the_legacy_path_and_cloud_files_are_presigned(backend, standin, other_host):
-    jwt = ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=") for part in (b'{"alg":"HS256"}', b'{"x":1}', b"sig"))
-    url = backend(label_studio_url=standin.url, api_key=jwt, allowed_hosts=(other_host.host,))
+    standin.refresh_token = make_jwt("refresh", 3600)  # a personal access token
+    url = backend(label_studio_url=standin.url, api_key=standin.refresh_token, allowed_hosts=(other_host.host,))
     standin.proxy_missing = True  # as when the storage proxy is off: /data/upload/ serves the file
     standin.redirects["/tasks/2/presign/"] = f"{other_host.url}/bucket/cat.png?X-Amz-Signature=abc"
     results = predict(url, [UPLOAD, "s3://bucket/cat.png"])
     assert all(len(r["result"]) > 0 for r in results), results
     fileuri = base64.urlsafe_b64encode(b"s3://bucket/cat.png").decode()
-    assert standin.paths_seen() == ["/storage-data/uploaded/?filepath=upload/1/cat.png", UPLOAD,
+    assert standin.paths_seen() == ["/api/token/refresh/", "/storage-data/uploaded/?filepath=upload/1/cat.png", UPLOAD,
                                     f"/tasks/2/presign/?fileuri={fileuri}"]
-    assert tokens_seen(standin) == [f"Bearer {jwt}"] * 3  # a JWT goes as Bearer, as label-studio-sdk sends it
+    [access] = standin.issued
+    assert tokens_seen(standin) == [""] + [f"Bearer {access}"] * 3  # the access token, as label-studio-sdk sends it
     assert other_host.paths_seen() == ["/bucket/cat.png?X-Amz-Signature=abc"]
     assert tokens_seen(other_host) == [""]  # the presigned redirect does not carry the token
 
