@@ -110,6 +110,11 @@ class QuickTry:
         self._runs = 0
 
     @property
+    def loaded(self) -> bool:
+        """Whether a run has loaded the segmenter yet (building the page loads nothing)."""
+        return self._segmenter is not None
+
+    @property
     def has_clip(self) -> bool:
         """Whether CLIP verification, negative phrases and suggestions are offered."""
         return bool(self.settings.clip)
