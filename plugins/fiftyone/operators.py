@@ -38,6 +38,15 @@ FORM_OPTIONS = {
 Python call and ``segment_samples`` take every option."""
 SELECTION_TARGETS = ("SELECTED_SAMPLES", "SELECTED_LABELS")
 """View targets that are a selection: the form offers Ray for whole datasets and views only."""
+IMMEDIATE_MAX_SAMPLES = 20
+"""The App's default for a run: the whole dataset, or a view or selection of more samples than this,
+is scheduled (a delegated run, so the App stays free); a smaller view or selection runs now."""
+HUB_TOKEN_SECRET = "HF_TOKEN"
+"""The plugin secret (``secrets`` in fiftyone.yml) holding a Hugging Face token for gated weights."""
+MODEL_SECRET = "PROMPTSEG_MODEL"
+"""The plugin secret naming the default model (a hub id or a directory the workers can read)."""
+LAUNCH_WORKER = "fiftyone delegated launch"
+SEGMENT_URI = "@promptseg/fiftyone/segment_with_text"
 
 
 class SegmentWithText(foo.Operator):
@@ -55,13 +64,27 @@ class SegmentWithText(foo.Operator):
         )
 
     def resolve_delegation(self, ctx):
-        return bool(ctx.params.get("delegate", False))
+        """``delegate=True`` in the params forces a delegated run; otherwise the App offers both."""
+        return True if ctx.params.get("delegate") else None
+
+    def resolve_execution_options(self, ctx):
+        """Run now or schedule; large runs are scheduled by default (see `delegates_by_default`)."""
+        if self.resolve_delegation(ctx):
+            return super().resolve_execution_options(ctx)
+        from fiftyone.operators.executor import ExecutionOptions
+
+        return ExecutionOptions(
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=delegates_by_default(ctx),
+        )
 
     def resolve_input(self, ctx):
         from promptseg.segmenter import default_model
 
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Segment")
+        _execution_notice(inputs, ctx)
         prompts = inputs.list(
             "prompts", types.String(), required=not ctx.params.get("prompt_field"), label="Prompts",
             description="Noun phrases, one per entry: 'red car', 'person', 'nucleus'. Leave empty when the "
@@ -95,7 +118,7 @@ class SegmentWithText(foo.Operator):
         )
         inputs.str(
             "model", default=None, required=False, label="Model",
-            description=f"Hub id or local directory (default: {default_model()}).",
+            description=f"Hub id or local directory (default: {_secret(ctx, MODEL_SECRET) or default_model()}).",
         )
         inputs.enum("device", DEVICES, default="auto", label="Device", view=types.DropdownView())
         fields = _fields_of(ctx, PROMPT_TYPES)
@@ -121,10 +144,6 @@ class SegmentWithText(foo.Operator):
                     _option_input(inputs, ctx, name)
         if _ray_offered(ctx):
             _ray_inputs(inputs, ctx)
-        inputs.bool(
-            "delegate", default=False, label="Delegate",
-            description="Queue the run for a delegated-operations worker instead of running it now.",
-        )
         return types.Property(inputs, view=types.View(label="Segment with text"))
 
     def execute(self, ctx):
@@ -141,7 +160,8 @@ class SegmentWithText(foo.Operator):
                     target,
                     prompts=params.get("prompts") or None,
                     label_field=params.get("label_field", "promptseg"),
-                    model=params.get("model") or None,
+                    model=params.get("model") or _secret(ctx, MODEL_SECRET),
+                    token=_secret(ctx, HUB_TOKEN_SECRET),
                     device=params.get("device") or "auto",
                     prompt_field=params.get("prompt_field") or None,
                     exemplar_field=params.get("exemplar_field") or None,
@@ -273,9 +293,11 @@ class SuggestPrompts(foo.Operator):
             raise ValueError("No sample: open a sample in the App or select one, then run Suggest prompts.")
         filepath = ctx.dataset[sample_id].filepath
         try:
+            token = _secret(ctx, HUB_TOKEN_SECRET)
             segmenter = shared_segmenter(
-                params.get("model") or None, device=params.get("device") or "auto",
+                params.get("model") or _secret(ctx, MODEL_SECRET), device=params.get("device") or "auto",
                 clip=params.get("clip") or os.environ.get("PROMPTSEG_CLIP") or True,
+                **({"token": token} if token else {}),
             )
             ranked = segmenter.suggest_prompts(filepath, params.get("vocabulary") or None, k=int(params.get("k", 10)))
         except PromptsegError as exc:
@@ -295,6 +317,60 @@ class SuggestPrompts(foo.Operator):
         outputs.list("suggestions", types.Object(), label="Suggested prompts, most likely first", view=table)
         outputs.str("prompts", label="Copy into Segment with text")
         return types.Property(outputs, view=types.View(label="promptseg suggestions"))
+
+
+def delegates_by_default(ctx) -> bool:
+    """Whether the App should offer "Schedule" (a delegated run) before "Execute" for this target.
+
+    The whole dataset, or a view or selection of more than `IMMEDIATE_MAX_SAMPLES` samples, is
+    scheduled by default, so a long run does not hold the App; a small view or selection runs now.
+    """
+    if ctx.dataset is None:
+        return False
+    target = ctx.target_view()
+    return _schedules(target, len(target))
+
+
+def _schedules(target, count: int) -> bool:
+    import fiftyone as fo
+
+    return isinstance(target, fo.Dataset) or count > IMMEDIATE_MAX_SAMPLES
+
+
+def _execution_notice(inputs, ctx) -> None:
+    """Tell the user how the run executes by default, and when no delegated worker seems to run."""
+    if ctx.dataset is None:
+        return
+    target = ctx.target_view()
+    count = len(target)
+    if _schedules(target, count):
+        text = (f"{count} samples: scheduled by default as a delegated run (the whole dataset, or more than "
+                f"{IMMEDIATE_MAX_SAMPLES} samples), so the App stays free. A worker started with `{LAUNCH_WORKER}` "
+                "runs it; choose Execute to run it now instead.")
+    else:
+        text = (f"{count} samples: runs now by default (a view or selection of at most {IMMEDIATE_MAX_SAMPLES} "
+                f"samples). Choose Schedule to hand it to a worker started with `{LAUNCH_WORKER}`.")
+    inputs.view("execution_notice", types.Notice(label=text))
+    waiting = queued_runs(ctx.dataset.name)
+    if waiting:
+        inputs.view("queued_warning", types.Warning(
+            label=f"{waiting} earlier run(s) of Segment with text on this dataset are still queued: no delegated "
+            f"worker seems to be running. Start one with `{LAUNCH_WORKER}` (same database and plugins)."))
+
+
+def queued_runs(dataset_name: str) -> int:
+    """How many delegated runs of `segment_with_text` on the dataset wait for a worker."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    return len(DelegatedOperationService().get_queued_operations(operator=SEGMENT_URI, dataset_name=dataset_name))
+
+
+def _secret(ctx, key: str) -> str | None:
+    """A plugin secret (fiftyone.yml ``secrets``): an environment variable of the App server or the
+    delegated worker in open-source FiftyOne, the secrets store in FiftyOne Enterprise. Never logged."""
+    value = ctx.secrets.get(key)
+    value = getattr(value, "value", value)  # a secret resolved on first access comes as a Secret object
+    return value or None
 
 
 def _sample_for(ctx) -> str | None:
@@ -378,7 +454,7 @@ def _segment_on_ray(ctx, target):
         actors=int(params.get("ray_actors") or 2),
         address=params.get("ray_address") or None,
         num_gpus_per_actor=float(params.get("ray_gpus_per_actor") or 0),
-        model=params.get("model") or None,
+        model=params.get("model") or _secret(ctx, MODEL_SECRET),
         device=None if device == "auto" else device,
         overwrite=bool(params.get("overwrite", False)),
         output=params.get("output") or "detections",

@@ -216,6 +216,7 @@ def segment_samples(
     model: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    token: str | None = None,
     prompt_field: str | None = None,
     exemplar_field: str | None = None,
     overwrite: bool = False,
@@ -252,6 +253,9 @@ def segment_samples(
     frame-level Detections in ``frames.<label_field>`` with ``index`` = object id, every `stride`-th
     frame, `new_threshold` the score a detection needs to start a new object; `progress` then
     counts frames. Only text prompts and the detections output apply to videos.
+
+    `token` is a Hugging Face token for gated hub weights (the operator passes its ``HF_TOKEN``
+    secret); it is handed to the model loader only, never logged or recorded.
     """
     import fiftyone as fo
     from fiftyone.core.collections import SaveContext
@@ -283,7 +287,7 @@ def segment_samples(
         check_video_run(output, exemplar_field, boxes)
     elif stride != 1 or new_threshold is not None:
         raise OptionError("stride and new_threshold apply to video datasets only: leave them out for images.")
-    segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype)
+    segmenter = segmenter or shared_segmenter(model, device=device, dtype=dtype, **({"token": token} if token else {}))
     if video:
         return _segment_video_samples(samples, fixed, label_field, segmenter, prompt_field, exemplar_field, options,
                                       overwrite, output, mask_dir, mask_path_min_pixels, progress, stride, new_threshold)

@@ -37,7 +37,7 @@ _STARTS = 3  # tries on new ports, in case another program takes the chosen port
 
 
 def use_temporary_database(prefix: str = "promptseg-fiftyone-") -> Path:
-    """Start a private mongod, point FiftyOne's database, plugins and dataset dirs at a new temp dir; return it."""
+    """Start a private mongod, point FiftyOne's database, plugins, dataset and model zoo dirs at a new temp dir; return it."""
     if "fiftyone" in sys.modules:
         raise RuntimeError("fiftyone is already imported: its database can no longer be changed")
     mongod = find_mongod()
@@ -58,6 +58,7 @@ def use_temporary_database(prefix: str = "promptseg-fiftyone-") -> Path:
         FIFTYONE_CONFIG_PATH=str(root / "config.json"),  # absent: defaults, not the user's ~/.fiftyone config
         FIFTYONE_PLUGINS_DIR=str(root / "plugins"),
         FIFTYONE_DEFAULT_DATASET_DIR=str(root / "datasets"),
+        FIFTYONE_MODEL_ZOO_DIR=str(root / "models"),  # zoo sources and models registered by tests
         FIFTYONE_DO_NOT_TRACK="true",
         FIFTYONE_DATABASE_VALIDATION="false",
         FIFTYONE_SHOW_PROGRESS_BARS="false",
