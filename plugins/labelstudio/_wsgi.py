@@ -1,7 +1,11 @@
-"""WSGI entry, as in Label Studio's backend template: ``waitress-serve promptseg_labelstudio._wsgi:app``.
+"""WSGI entry, as in Label Studio's backend template: ``gunicorn promptseg_labelstudio._wsgi:app``
+(the container runs it with `promptseg_labelstudio.gunicorn_conf`) or ``waitress-serve
+promptseg_labelstudio._wsgi:app``.
 
-The app (and the model) is built on first access of `app`, from the environment. Run this file
-directly for a quick start: ``python -m promptseg_labelstudio._wsgi --port 9090``.
+The app (and the model) is built on first access of `app`, from the environment: in each gunicorn
+worker after the fork, once. Run this file directly for a quick start: ``python -m
+promptseg_labelstudio._wsgi --port 9090`` (HOST, PORT, WORKERS, THREADS, LOG_LEVEL from the
+environment; flags win).
 """
 
 from __future__ import annotations
@@ -17,32 +21,27 @@ def __getattr__(name: str):
     if name == "app":
         if _app is None:
             from promptseg_labelstudio.app import create_app
+            from promptseg_labelstudio.config import BackendConfig
+            from promptseg_labelstudio.serving import ServerSettings
 
-            _app = create_app()
+            _app = create_app(config=BackendConfig.from_env(work_slots=ServerSettings.from_env().work_slots))
         return _app
     raise AttributeError(name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from promptseg_labelstudio._commands import port_number, thread_count, work_slots_for
+    from promptseg.errors import PromptsegError
+    from promptseg_labelstudio._commands import add_server_arguments, server_settings, start
 
     parser = argparse.ArgumentParser(description="promptseg Label Studio ML backend")
-    parser.add_argument("-p", "--port", type=port_number, default=9090)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--threads", type=thread_count, default=4)
-    parser.add_argument("--log-level", default="INFO")
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from waitress import serve
-
-    from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.config import BackendConfig, exposure_warning
-
-    config = BackendConfig.from_env(work_slots=work_slots_for(args.threads))
-    warning = exposure_warning(args.host, config)
-    if warning:
-        logging.getLogger(__name__).warning(warning)
-    serve(create_app(config=config), host=args.host, port=args.port, threads=args.threads)
+    try:
+        settings = server_settings(args)
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        start(settings)
+    except PromptsegError as exc:
+        parser.exit(2, f"promptseg: error: {exc}\n")
     return 0
 
 

@@ -4,9 +4,13 @@ shared by the Label Studio tests (a plain module: pytest puts this folder on sys
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +102,142 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+# -- a real Label Studio server ------------------------------------------------------------------------
+
+TOKEN = "promptsegtesttoken0123456789"  # the test user's legacy token
+USER, PASSWORD = "test@example.com", "promptseg-pass-1"
+FALLBACK = Path(__file__).resolve().parents[2] / ".venv-labelstudio" / "bin" / "label-studio"
+STARTUP_SECONDS = 480  # a first start migrates a fresh sqlite database (~30 s, minutes on a busy 2-core box)
+
+
+def label_studio_executable() -> str | None:
+    """`PROMPTSEG_LABEL_STUDIO`, else ``label-studio`` on PATH, else the ``.venv-labelstudio`` one."""
+    configured = os.environ.get("PROMPTSEG_LABEL_STUDIO")
+    if configured:
+        return configured if Path(configured).exists() or shutil.which(configured) else None
+    return shutil.which("label-studio") or (str(FALLBACK) if FALLBACK.exists() else None)
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    """Poll `url` until it answers 200; fail with the log's tail if `process` exits or time runs out."""
+    import pytest
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode} while starting:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"{url} did not come up within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`command` in its own process group (so `stop` ends it and its children), output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def running_label_studio(data: Path):
+    """A real Label Studio on 127.0.0.1 with its data in `data`, user `USER` with legacy token `TOKEN`; yields its URL."""
+    import pytest
+
+    executable = label_studio_executable()
+    if executable is None:
+        pytest.fail("Label Studio is not installed: run `bash scripts/install.sh --test` (it creates "
+                    ".venv-labelstudio) or set PROMPTSEG_LABEL_STUDIO to a label-studio executable.")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    env.update(
+        LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_HOST=url, HOME=str(data),
+        ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false",
+        COLLECT_ANALYTICS="false", DJANGO_DB="sqlite",
+        # a busy 2-core CI runner can exceed the 1 s health / 3 s setup defaults
+        ML_TIMEOUT_HEALTH="10", ML_TIMEOUT_SETUP="30",
+    )
+    command = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+               "--username", USER, "--password", PASSWORD, "--user-token", TOKEN, "--enable-legacy-api-token"]
+    log = data / "label-studio.log"
+    process = start(command, env, log)
+    try:
+        wait_for(f"{url}/health", process, STARTUP_SECONDS, log)
+        yield url
+    finally:
+        stop(process)
+
+
+# -- the container's files -----------------------------------------------------------------------------
+
+PACKAGING = Path(__file__).resolve().parents[2] / "plugins" / "labelstudio"
+DOCKERFILE = PACKAGING / "Dockerfile"
+COMPOSE_FILE = PACKAGING / "docker-compose.yml"
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of each instruction, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, rest = pending.strip().partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+        pending = ""
+    return instructions
+
+
+def dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
+    """The variables the image's ENV instructions set."""
+    import shlex
+
+    return dict(pair.split("=", 1) for kind, args in dockerfile_instructions(path) if kind == "ENV"
+                for pair in shlex.split(args))
+
+
+def exec_form(path: Path, instruction: str) -> list[str]:
+    """The JSON (exec form) command of the last `instruction` (``CMD``, or ``HEALTHCHECK``'s ``CMD``)."""
+    import json
+
+    [*_, args] = [args for kind, args in dockerfile_instructions(path) if kind == instruction]
+    return json.loads(args[args.index("CMD ") + 4:] if instruction == "HEALTHCHECK" else args)
+
+
+def compose_environment(service: dict, shell: dict[str, str]) -> dict[str, str]:
+    """A compose service's environment as Docker Compose sets it: ``${NAME:-default}`` from `shell`."""
+    import re
+
+    def value(text) -> str:
+        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: shell.get(m.group(1)) or m.group(2) or "", str(text))
+
+    return {name: value(text) for name, text in service["environment"].items()}
+
+
+def model_loads(log: str) -> dict[int, int]:
+    """How many times each process (by the pid in its log lines) loaded the model."""
+    import re
+    from collections import Counter
+
+    return dict(Counter(int(pid) for pid in re.findall(r"\[(\d+)\] INFO promptseg\.sessions: Loading shared segmenter", log)))
+
+
+def server_env(**values: str) -> dict[str, str]:
+    """This process's environment without any backend or server setting, plus `values`; this venv's scripts first on PATH."""
+    import sys
+
+    names = ("HOST", "PORT", "WORKERS", "THREADS", "LOG_LEVEL", "DEVICE", "HF_TOKEN", "HF_HOME", "LOCAL_FILES_DOCUMENT_ROOT")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "PROMPTSEG_", "GUNICORN_")) and k not in names}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(values)
+    return env

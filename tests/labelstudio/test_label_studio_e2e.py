@@ -12,77 +12,32 @@ is `PROMPTSEG_LABEL_STUDIO`, else ``label-studio`` on PATH, else the ``.venv-lab
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from lshelpers import CONFIGS, decode_brush, free_port, make_image, region_label, stop
+from lshelpers import (
+    CONFIGS,
+    TOKEN,
+    decode_brush,
+    free_port,
+    make_image,
+    region_label,
+    running_label_studio,
+    start,
+    stop,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-TOKEN = "promptsegtesttoken0123456789"
-FALLBACK = Path(__file__).resolve().parents[2] / ".venv-labelstudio" / "bin" / "label-studio"
-STARTUP_SECONDS = 480  # a first start migrates a fresh sqlite database (~30 s, minutes on a busy 2-core box)
-
-
-def label_studio_executable() -> str | None:
-    configured = os.environ.get("PROMPTSEG_LABEL_STUDIO")
-    if configured:
-        return configured if Path(configured).exists() or shutil.which(configured) else None
-    return shutil.which("label-studio") or (str(FALLBACK) if FALLBACK.exists() else None)
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode} while starting:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"{url} did not come up within {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    executable = label_studio_executable()
-    if executable is None:
-        pytest.fail("Label Studio is not installed: run `bash scripts/install.sh --test` (it creates "
-                    ".venv-labelstudio) or set PROMPTSEG_LABEL_STUDIO to a label-studio executable.")
-    data = tmp_path_factory.mktemp("label-studio")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
-    env.update(
-        LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_HOST=url, HOME=str(data),
-        ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false",
-        COLLECT_ANALYTICS="false", DJANGO_DB="sqlite",
-        # a busy 2-core CI runner can exceed the 1 s health / 3 s setup defaults
-        ML_TIMEOUT_HEALTH="10", ML_TIMEOUT_SETUP="30",
-    )
-    command = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-               "--username", "test@example.com", "--password", "promptseg-pass-1", "--user-token", TOKEN,
-               "--enable-legacy-api-token"]
-    log = data / "label-studio.log"
-    process = start(command, env, log)
-    try:
-        wait_for(f"{url}/health", process, STARTUP_SECONDS, log)
+    with running_label_studio(tmp_path_factory.mktemp("label-studio")) as url:
         yield url
-    finally:
-        stop(process)
 
 
 def backend_cache_dir(tmp_path_factory) -> Path:
