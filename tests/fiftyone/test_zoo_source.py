@@ -1,9 +1,10 @@
-"""The remote zoo model source: `foz.register_zoo_model_source(<repository>)`, then
-`foz.load_zoo_model("promptseg/sam3", ...)` gives `PromptsegModel` for `apply_model`.
+"""Getting promptseg from its repository the FiftyOne way: the remote zoo model source
+(`foz.register_zoo_model_source(<repository>)`, then `foz.load_zoo_model("promptseg/sam3", ...)`
+gives `PromptsegModel` for `apply_model`) and `fiftyone plugins download`.
 
-FiftyOne downloads a registered repository as an archive and looks for ``manifest.json`` files in
-it. Here the archive is built from this repository's own plugin folder, laid out as GitHub serves
-it, and served from 127.0.0.1.
+FiftyOne downloads a repository as an archive and looks for ``manifest.json`` (zoo) and
+``fiftyone.yml`` (plugin) files in it. Here the archive is built from this repository's own plugin
+folder, laid out as GitHub serves it, and served from 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ def _repository_archive(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zoo_source(fo, tmp_path_factory):
+def archive_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("source")
+    _repository_archive(folder / "promptseg-main.zip")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zoo_source(fo, archive_dir):
     """This repository registered as a zoo model source (from a local archive URL); its URL."""
     import fiftyone.zoo as foz
 
-    folder = tmp_path_factory.mktemp("source")
-    _repository_archive(folder / "promptseg-main.zip")
-    with serve_folder(folder) as url:
+    with serve_folder(archive_dir) as url:
         source = f"{url}/promptseg-main.zip"
         foz.register_zoo_model_source(source)
     yield source
@@ -133,3 +139,19 @@ def test_a_recorded_directory_that_is_gone_fails_the_load_naming_the_fix(
     assert f"foz.download_zoo_model('{NAME}', overwrite=True)" in message
     # the directory named at load time is used instead of the recorded one
     assert foz.load_zoo_model(NAME, model=str(tiny_sam3_dir), prompts=PROMPTS, device="cpu", cache=False)
+
+
+def test_plugins_download_installs_the_plugin_with_its_requirements_and_zoo_source(fo, archive_dir, tmp_path,
+                                                                                   monkeypatch):
+    """`fiftyone plugins download <repository> --plugin-names @promptseg/fiftyone`, into an empty plugins dir."""
+    import fiftyone.plugins as fop
+
+    monkeypatch.setattr(fo.config, "plugins_dir", str(tmp_path / "plugins"))
+    with serve_folder(archive_dir) as url:
+        installed = fop.download_plugin(f"{url}/promptseg-main.zip", plugin_names=["@promptseg/fiftyone"])
+    folder = Path(installed["@promptseg/fiftyone"])
+    assert folder.is_relative_to(tmp_path / "plugins")
+    assert [p.name for p in fop.list_plugins()] == ["@promptseg/fiftyone"]
+    assert fop.get_plugin("@promptseg/fiftyone").directory == str(folder)
+    assert fop.load_plugin_requirements("@promptseg/fiftyone") == ["promptseg>=0.1"]
+    assert (folder / "zoo" / "manifest.json").is_file() and (folder / "fiftyone.yml").is_file()
