@@ -6,6 +6,7 @@ Gradio is imported only when the command runs, never when this module is importe
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import logging
 
@@ -91,8 +92,9 @@ def run_app(args: argparse.Namespace) -> int:
 
 
 def _import_page():
+    """`promptseg_app.page`, or an `OptionError` naming the extra when Gradio is missing."""
     try:
-        from promptseg_app import page
+        page = importlib.import_module("promptseg_app.page")
     except ImportError as exc:
         if "gradio" not in str(exc):
             raise

@@ -120,7 +120,6 @@ def build_page(app: QuickTry) -> gr.Blocks:
                 negative, verify, clip_threshold, exclusive]
         outputs = [status, result, legend, table, coco, labels]
         run.click(on_segment, form, outputs, concurrency_limit=1, concurrency_id=JOB_SLOT)
-        prompts.submit(on_segment, form, outputs, concurrency_limit=1, concurrency_id=JOB_SLOT)
         image.change(app.preview, image, [result, status])
         suggest.click(on_suggest, image, [suggestions, status], concurrency_limit=1, concurrency_id=JOB_SLOT)
         suggestions.input(QuickTry.add_prompts, [prompts, suggestions], prompts)

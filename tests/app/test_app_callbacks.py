@@ -118,15 +118,15 @@ def unreadable(tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case, form, needle", [
-    ("no prompt", {"prompts": " , \n"}, "No prompt: type what to segment"),
-    ("no image", {"image": None}, "No image: upload one"),
-    ("unreadable file", {"image": unreadable}, "broken.png"),
-    ("tile too small", {"tiling": "on", "tile_size": 8}, "tile must be at least 16 pixels"),
-    ("mask threshold at 0", {"mask_threshold": 0.0}, "mask_threshold must be strictly between 0 and 1"),
-    ("negatives without CLIP", {"negative": "toy car"}, "need(s) a CLIP model"),
+@pytest.mark.parametrize("form, needle", [
+    pytest.param({"prompts": " , \n"}, "No prompt: type what to segment", id="no-prompt"),
+    pytest.param({"image": None}, "No image: upload one", id="no-image"),
+    pytest.param({"image": unreadable}, "broken.png", id="unreadable-file"),
+    pytest.param({"tiling": "on", "tile_size": 8}, "tile must be at least 16 pixels", id="tile-too-small"),
+    pytest.param({"mask_threshold": 0.0}, "mask_threshold must be strictly between 0 and 1", id="mask-threshold-0"),
+    pytest.param({"negative": "toy car"}, "need(s) a CLIP model", id="negatives-without-clip"),
 ])
-def test_bad_input_gives_a_message_not_a_traceback(app, image_file, tmp_path, case, form, needle):
+def test_bad_input_gives_a_message_not_a_traceback(app, image_file, tmp_path, form, needle):
     values = {"image": image_file, "prompts": "square", **FORM, **form}
     if callable(values["image"]):
         values["image"] = values["image"](tmp_path)

@@ -22,17 +22,24 @@ def test_a_bad_port_is_refused_before_anything_starts(port, capsys):
     assert "must be a port number from 1 to 65535" in capsys.readouterr().err
 
 
-def test_a_bad_pixel_budget_is_refused_before_the_page_is_built(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gradio", None)  # the check comes first: Gradio is not even needed
+def without_gradio(monkeypatch) -> None:
+    """Make `import gradio` fail as it does where Gradio is not installed, and forget the page module."""
+    import promptseg_app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)
     monkeypatch.delitem(sys.modules, "promptseg_app.page", raising=False)
+    monkeypatch.delattr(promptseg_app, "page", raising=False)
+
+
+def test_a_bad_pixel_budget_is_refused_before_the_page_is_built(capsys, monkeypatch):
+    without_gradio(monkeypatch)  # the check comes first: Gradio is not even needed
     assert main(["app", "--max-pixels", "0"]) == 2
     err = capsys.readouterr().err
     assert "max_pixels must be a whole number of pixels above 0" in err and "Traceback" not in err
 
 
 def test_without_gradio_the_error_names_the_extra(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets when it is not installed
-    monkeypatch.delitem(sys.modules, "promptseg_app.page", raising=False)
+    without_gradio(monkeypatch)
     assert main(["app"]) == 2
     err = capsys.readouterr().err
     assert "The quick-try page needs Gradio" in err and INSTALL_HINT in err and "Traceback" not in err
