@@ -45,7 +45,7 @@ def _slider(name: str, label: str, step: float, **extra) -> gr.Slider:
 
 
 def build_page(app: QuickTry) -> gr.Blocks:
-    """The page's layout and events (not launched)."""
+    """The page's layout, events and queue (not launched)."""
     with gr.Blocks(title="promptseg: segment by text", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("## promptseg: type what you want segmented\n"
                     "Upload an image (or pick an example), type one or more prompts, press **Segment**. "
@@ -123,13 +123,12 @@ def build_page(app: QuickTry) -> gr.Blocks:
         image.change(app.preview, image, [result, status])
         suggest.click(on_suggest, image, [suggestions, status], concurrency_limit=1, concurrency_id=JOB_SLOT)
         suggestions.input(QuickTry.add_prompts, [prompts, suggestions], prompts)
-    return page
+    return page.queue(default_concurrency_limit=1, max_size=32)
 
 
 def serve(app: QuickTry, host: str, port: int) -> None:
     """Serve the page on `host`:`port` until interrupted (no share link, no outside calls)."""
     page = build_page(app)
-    page.queue(default_concurrency_limit=1, max_size=32)
     try:
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
                     ssr_mode=False, mcp_server=False, pwa=False, prevent_thread_lock=False, quiet=True,

@@ -117,11 +117,14 @@ def test_upload_prompt_and_run_shows_the_cores_instances(server, browser_page, t
     assert hosts == {server.split("/")[2]}, f"the page asked other hosts: {sorted(hosts)}"
 
 
-def test_a_run_without_a_prompt_says_so_in_the_page(server, browser_page):
+def test_picking_an_example_fills_the_form_and_a_run_without_a_prompt_says_so(server, browser_page):
     page = browser_page
     page.goto(server, wait_until="networkidle")
-    page.set_input_files("#image-file input[type=file]", str(EXAMPLE))
-    page.wait_for_function("document.querySelector('#status').innerText.includes('pixels')")
+    page.get_by_text("chelsea.jpg", exact=True).first.click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('451 x 300 pixels')")
+    assert page.input_value("#prompts textarea") == "cat, ear"
+    assert page.locator("#result img").count() == 1  # the picked image, shown before any run
+    page.fill("#prompts textarea", " , ")
     status = run_and_wait(page)
     assert status.startswith("Error: No prompt: type what to segment"), status
     assert "Traceback" not in page.content()

@@ -227,3 +227,17 @@ def test_the_form_takes_ranges_defaults_and_help_from_the_options(app):
     assert fields["min_area"].value == option_info("min_area").default
     assert not fields["suggest"].visible  # no CLIP model configured
     assert not app.loaded  # building the page loads nothing
+
+
+def test_one_job_uses_the_model_at_a_time_and_nothing_is_reported(app):
+    from promptseg_app.page import JOB_SLOT, build_page
+
+    page = build_page(app)
+    jobs = {fn.name: fn for fn in page.fns.values() if fn.name in ("on_segment", "on_suggest")}
+    assert set(jobs) == {"on_segment", "on_suggest"}
+    assert all(fn.concurrency_limit == 1 and fn.concurrency_id == JOB_SLOT for fn in jobs.values())
+    assert not page.analytics_enabled
+
+    import gradio.analytics
+
+    assert not gradio.analytics.analytics_enabled()
