@@ -21,6 +21,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
 def download_model(model_name: str, model_path: str) -> None:
     """Fetch the weights (``PROMPTSEG_MODEL``, else ``facebook/sam3``) and record where they are.
 
@@ -58,14 +59,8 @@ def load_model(model_name: str, model_path: str, model: str | None = None, **kwa
     from promptseg.errors import ModelLoadError
     from promptseg_fiftyone.model import PromptsegModel
 
-    record = Path(model_path)
-    if model is None:
-        if not record.is_file():
-            raise ModelLoadError(
-                f"The zoo model {model_name} has no record {model_path}: run "
-                f"foz.download_zoo_model({model_name!r}, overwrite=True), or pass model=<hub id or directory>."
-            )
-        model = json.loads(record.read_text())["model"]
+    if model is None:  # FiftyOne calls download_model first whenever the record is missing
+        model = json.loads(Path(model_path).read_text())["model"]
     try:
         return PromptsegModel(model=model, **kwargs)
     except ModelLoadError as exc:
