@@ -118,15 +118,16 @@ def unreadable(tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("form, needle", [
-    pytest.param({"prompts": " , \n"}, "No prompt: type what to segment", id="no-prompt"),
-    pytest.param({"image": None}, "No image: upload one", id="no-image"),
-    pytest.param({"image": unreadable}, "broken.png", id="unreadable-file"),
-    pytest.param({"tiling": "on", "tile_size": 8}, "tile must be at least 16 pixels", id="tile-too-small"),
-    pytest.param({"mask_threshold": 0.0}, "mask_threshold must be strictly between 0 and 1", id="mask-threshold-0"),
-    pytest.param({"negative": "toy car"}, "need(s) a CLIP model", id="negatives-without-clip"),
+@pytest.mark.parametrize("form, needle, loads_model", [
+    pytest.param({"prompts": " , \n"}, "No prompt: type what to segment", False, id="no-prompt"),
+    pytest.param({"image": None}, "No image: upload one", False, id="no-image"),
+    pytest.param({"image": unreadable}, "broken.png", True, id="unreadable-file"),
+    pytest.param({"tiling": "on", "tile_size": 8}, "tile must be at least 16 pixels", False, id="tile-too-small"),
+    pytest.param({"mask_threshold": 0.0}, "mask_threshold must be strictly between 0 and 1", False,
+                 id="mask-threshold-0"),
+    pytest.param({"negative": "toy car"}, "need(s) a CLIP model", True, id="negatives-without-clip"),
 ])
-def test_bad_input_gives_a_message_not_a_traceback(app, image_file, tmp_path, form, needle):
+def test_bad_input_gives_a_message_not_a_traceback(app, image_file, tmp_path, form, needle, loads_model):
     values = {"image": image_file, "prompts": "square", **FORM, **form}
     if callable(values["image"]):
         values["image"] = values["image"](tmp_path)
@@ -134,6 +135,7 @@ def test_bad_input_gives_a_message_not_a_traceback(app, image_file, tmp_path, fo
     outcome = app.segment(image, prompts, **values)
     assert outcome.error and outcome.status.startswith("**Error:**"), outcome.status
     assert needle in outcome.status
+    assert app.loaded is loads_model  # what the form alone shows wrong is refused before the model loads
     assert outcome.overlay is None and outcome.rows == [] and outcome.coco_path is None
 
 
