@@ -9,6 +9,7 @@ outside the machine (the default theme's fonts are served locally).
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from promptseg.options import DEFAULT_CLIP_THRESHOLD, MIN_TILE, option_info
@@ -127,11 +128,19 @@ def build_page(app: QuickTry) -> gr.Blocks:
 
 
 def serve(app: QuickTry, host: str, port: int) -> None:
-    """Serve the page on `host`:`port` until interrupted (no share link, no outside calls)."""
+    """Serve the page on `host`:`port` until Ctrl+C or SIGTERM (no share link, no outside calls);
+    then close the server and remove the page's download files."""
     page = build_page(app)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
                     ssr_mode=False, mcp_server=False, pwa=False, prevent_thread_lock=False, quiet=True,
                     css=STYLE, allowed_paths=[str(path) for path in example_files()])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         app.close()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (a service manager, ``kill PID``) stops the page as Ctrl+C does."""
+    raise KeyboardInterrupt

@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +46,33 @@ THRESHOLD = 0.0  # the tiny random model scores about 0.25: keep every detection
 PROMPT = "cat"
 
 
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    tmp: Path
+    """The server's TMPDIR: where it keeps uploads and downloads."""
+
+
 @pytest.fixture(scope="module")
-def server(tiny_sam3_dir, tmp_path_factory):
+def app_server(tiny_sam3_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("app-server")
+    (folder / "tmp").mkdir()
     port = free_port()
     log = folder / "server.log"
-    process = start_app(port, app_env(tiny_sam3_dir, folder / "cache"), "--device", "cpu", "--dtype", "fp32",
-                        log=log)
+    env = {**app_env(tiny_sam3_dir, folder / "cache"), "TMPDIR": str(folder / "tmp")}
+    process = start_app(port, env, "--device", "cpu", "--dtype", "fp32", log=log)
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until_serving(url, process, log)
-        yield url
+        yield Server(url, process, folder / "tmp")
     finally:
         stop(process)
+
+
+@pytest.fixture
+def server(app_server) -> str:
+    return app_server.url
 
 
 @pytest.fixture
@@ -128,3 +144,16 @@ def test_picking_an_example_fills_the_form_and_a_run_without_a_prompt_says_so(se
     status = run_and_wait(page)
     assert status.startswith("Error: No prompt: type what to segment"), status
     assert "Traceback" not in page.content()
+
+
+def test_sigterm_stops_the_page_and_removes_its_download_files(app_server, browser_page):
+    page = browser_page
+    page.goto(app_server.url, wait_until="networkidle")
+    page.set_input_files("#image-file input[type=file]", str(EXAMPLE))
+    page.wait_for_function("document.querySelector('#status').innerText.includes('pixels')")
+    page.fill("#prompts textarea", PROMPT)
+    assert "Error" not in run_and_wait(page)
+    assert list(app_server.tmp.glob("promptseg-app-*/run-*/chelsea.labels.png"))
+    stop(app_server.process)
+    assert app_server.process.returncode == 0
+    assert not list(app_server.tmp.glob("promptseg-app-*"))
