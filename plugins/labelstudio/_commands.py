@@ -62,7 +62,9 @@ def start(settings, **config_overrides) -> None:
     from promptseg_labelstudio.app import create_app
     from promptseg_labelstudio.config import BackendConfig, exposure_warning
     from promptseg_labelstudio.serving import serve
+    from promptseg_labelstudio.shared_settings import share_between_workers
 
+    share_between_workers(settings.workers)
     config = BackendConfig.from_env(work_slots=settings.work_slots, **config_overrides)
     warning = exposure_warning(settings.host, config)
     if warning:

@@ -44,6 +44,8 @@ class BackendConfig:
     extra params may set it and any other option (see `segment_options`). Videos have their own
     caps: `max_video_bytes` and `video_download_timeout` per download, and at most
     `max_video_frames` frames segmented per task (a stride or a frame range picks fewer).
+    `projects_dir` holds what ``/setup`` said about each project for every worker of a server
+    (`promptseg_labelstudio.shared_settings`; set for several workers); None: this process only.
     """
 
     model: str | None = None
@@ -66,6 +68,7 @@ class BackendConfig:
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     video_download_timeout: float = DEFAULT_VIDEO_DOWNLOAD_TIMEOUT
     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
+    projects_dir: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -91,6 +94,9 @@ class BackendConfig:
                     "the file-system root: set LOCAL_FILES_DOCUMENT_ROOT to the folder holding your images."
                 )
             self.document_root = root
+        if self.projects_dir is not None and not Path(self.projects_dir).is_dir():
+            raise OptionError(f"PROMPTSEG_PROJECTS_DIR {self.projects_dir} is not a folder: create it (every worker "
+                              "must be able to write it) or unset it.")
         if self.max_request_bytes < 1024:
             raise OptionError("PROMPTSEG_MAX_REQUEST_BYTES must be at least 1024.")
         if self.max_download_bytes < 1:
@@ -156,6 +162,7 @@ class BackendConfig:
             video_download_timeout=env_number(env, "PROMPTSEG_VIDEO_DOWNLOAD_TIMEOUT", float,
                                               DEFAULT_VIDEO_DOWNLOAD_TIMEOUT),
             max_video_frames=env_number(env, "PROMPTSEG_MAX_VIDEO_FRAMES", int, DEFAULT_MAX_VIDEO_FRAMES),
+            projects_dir=Path(env["PROMPTSEG_PROJECTS_DIR"]) if env.get("PROMPTSEG_PROJECTS_DIR") else None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -15,9 +15,11 @@ from promptseg_labelstudio.serving import ServerSettings, configure_logging, gun
 
 def _checked_settings() -> ServerSettings:
     from promptseg_labelstudio.config import BackendConfig
+    from promptseg_labelstudio.shared_settings import share_between_workers
 
     try:
         settings = ServerSettings.from_env()
+        share_between_workers(settings.workers)  # what /setup tells one worker, the others read
         BackendConfig.from_env()
     except PromptsegError as exc:
         raise SystemExit(f"promptseg: error: {exc}") from None

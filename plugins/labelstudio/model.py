@@ -24,6 +24,7 @@ from promptseg_labelstudio.config import BackendConfig, check_base_url
 from promptseg_labelstudio.fetch import ImageFetcher, LabelStudioSource, host_entry
 from promptseg_labelstudio.labeling import LabelingPlan, PromptMatchError, parse_labeling_config
 from promptseg_labelstudio.regions import regions_for
+from promptseg_labelstudio.shared_settings import SharedProjectSettings
 from promptseg_labelstudio.video import (
     VIDEO_PARAMS,
     VideoSettings,
@@ -80,6 +81,9 @@ class PromptsegMLBackend:
         self._projects: dict[str, ProjectSettings] = {}
         self._lock = threading.Lock()
         self._fetchers: dict[LabelStudioSource | None, ImageFetcher] = {}
+        folder = self.config.projects_dir
+        self._shared = SharedProjectSettings(folder) if folder else None
+        self._seen: dict[str, tuple[int, int]] = {}  # version of each shared settings file when last read
         if self.config.api_key and not self.config.label_studio_url:
             logger.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever sent "
                            "to LABEL_STUDIO_URL, so it is not used. Set LABEL_STUDIO_URL to Label Studio's address.")
@@ -88,7 +92,22 @@ class PromptsegMLBackend:
     # -- Label Studio's calls ---------------------------------------------------------------
     def setup(self, project: str, schema: str, hostname: str | None = None,
               access_token: str | None = None, extra_params: Any = None) -> dict:
-        """Check the project's config and remember its host (if trusted), token and extra params."""
+        """Check the project's config and remember its host (if trusted), token and extra params.
+
+        With a shared settings folder (several workers), the other workers see them too.
+        """
+        settings = self._project_settings(schema, hostname, access_token, extra_params)
+        key = _project_key(project)
+        with self._lock:
+            self._projects[key] = settings
+            if self._shared is not None:
+                inputs = {"schema": schema, "hostname": hostname, "access_token": access_token,
+                          "extra_params": extra_params}
+                self._seen[key] = self._shared.write(key, inputs)
+        return {"model_version": self.model_version}
+
+    def _project_settings(self, schema: str, hostname: str | None, access_token: str | None,
+                          extra_params: Any) -> ProjectSettings:
         plan = parse_labeling_config(schema)
         options, tolerance, video = self._project_options(extra_params)
         if plan.media == "video":
@@ -109,9 +128,7 @@ class PromptsegMLBackend:
             else:
                 logger.warning("Ignoring /setup hostname %s: %s", hostname, SETUP_HOST_REFUSED)
                 settings.refused_hostname = hostname
-        with self._lock:
-            self._projects[_project_key(project)] = settings
-        return {"model_version": self.model_version}
+        return settings
 
     def predict(self, tasks: list[dict], label_config: str, project: str | None = None,
                 context: dict | None = None) -> list[dict]:
@@ -209,8 +226,17 @@ class PromptsegMLBackend:
                 "model_version": self.model_version}
 
     def _settings(self, project: str | None) -> ProjectSettings:
+        """The project's settings, reloaded first when another worker got a newer /setup."""
+        key = _project_key(project)
         with self._lock:
-            return self._projects.get(_project_key(project)) or ProjectSettings()
+            changed = self._shared.read_if_changed(key, self._seen.get(key)) if self._shared is not None else None
+            if changed is not None:
+                self._seen[key], inputs = changed
+                try:
+                    self._projects[key] = self._project_settings(**inputs)
+                except PromptsegError as exc:
+                    logger.warning("Ignoring the shared settings of project %s: %s", key, exc)
+            return self._projects.get(key) or ProjectSettings()
 
     def _source(self, settings: ProjectSettings) -> LabelStudioSource | None:
         """Where Label Studio files come from, with the token that may go there.

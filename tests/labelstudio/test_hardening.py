@@ -439,6 +439,7 @@ def test_fetching_needs_no_private_sdk_module(backend, standin, monkeypatch):
     ("PROMPTSEG_DOWNLOAD_TIMEOUT", "-1", "PROMPTSEG_DOWNLOAD_TIMEOUT must be a positive number of seconds"),
     ("PROMPTSEG_WORK_SLOTS", "0", "PROMPTSEG_WORK_SLOTS must be at least 1"),
     ("PROMPTSEG_MAX_REQUEST_BYTES", "16M", "PROMPTSEG_MAX_REQUEST_BYTES must be an integer, got '16M'"),
+    ("PROMPTSEG_PROJECTS_DIR", "/nonexistent/projects", "PROMPTSEG_PROJECTS_DIR /nonexistent/projects is not a folder: create it"),
 ])
 def test_bad_limits_in_the_environment_name_the_variable(variable, value, message):
     from promptseg.errors import OptionError

@@ -18,6 +18,7 @@ import requests
 import yaml
 from lshelpers import (
     COMPOSE_FILE,
+    CONFIGS,
     DOCKERFILE,
     PACKAGING,
     compose_environment,
@@ -183,8 +184,6 @@ def test_serve_with_two_workers_loads_the_model_once_in_each(tiny_sam3_dir, ls_i
             time.sleep(0.5)
         workers = {child.pid for child in psutil.Process(process.pid).children()}
         assert model_loads(log.read_text()) == dict.fromkeys(workers, 1) and len(workers) == 2
-        from lshelpers import CONFIGS
-
         for _ in range(6):
             response = requests.post(f"{url}/predict", timeout=60, json={
                 "tasks": [{"id": 1, "data": {"image": "image0.png"}}], "label_config": CONFIGS["rectangle"]})
@@ -193,3 +192,31 @@ def test_serve_with_two_workers_loads_the_model_once_in_each(tiny_sam3_dir, ls_i
     finally:
         stop(process)
     assert Path(log).read_text().count("Booting worker") == 2
+
+
+def test_what_setup_tells_one_worker_every_worker_uses(ls_model, tmp_path):
+    """Label Studio sends extra params, host and token only with /setup, which may reach another worker than /predict."""
+    from dataclasses import replace
+
+    from promptseg_labelstudio.app import create_app
+    from promptseg_labelstudio.model import PromptsegMLBackend
+    from promptseg_labelstudio.shared_settings import SharedProjectSettings, version
+
+    config = replace(ls_model.config, threshold=None, projects_dir=tmp_path)
+    first, second = (create_app(PromptsegMLBackend(config, segmenter=ls_model.segmenter)).test_client() for _ in range(2))
+    request = {"tasks": [{"id": 1, "data": {"image": "image0.png"}}], "project": "7.1", "label_config": CONFIGS["brush"]}
+
+    def found(client) -> int:
+        response = client.post("/predict", json=request)
+        assert response.status_code == 200, response.json
+        return len(response.json["results"][0]["result"])
+
+    assert found(second) == 0  # the core's default threshold: the tiny model's ~0.25 scores are below it
+    setup = {"project": "7.1", "schema": CONFIGS["brush"], "extra_params": {"threshold": 0.0}}
+    assert first.post("/setup", json=setup).status_code == 200
+    assert found(second) > 0  # the other worker read the project's threshold
+    assert second.post("/setup", json={**setup, "extra_params": {"threshold": 0.99}}).status_code == 200
+    assert found(first) == 0  # and a later /setup replaces it everywhere
+    [stored] = tmp_path.glob("project-7.json")
+    assert stored.stat().st_mode & 0o077 == 0  # it may hold a token: its owner's only
+    assert SharedProjectSettings(tmp_path).read_if_changed("7", version(stored.stat())) is None
