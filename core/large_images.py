@@ -274,7 +274,7 @@ def create_label_pyramid(
             f"Writing labels to disk needs zarr and ome-zarr ({exc}): pip install \"promptseg[napari]\"."
         ) from exc
     path = Path(path)
-    _check_store_path(path)
+    check_store_path(path)
     try:
         group = zarr.open_group(str(path), mode="w")
         arrays = [
@@ -298,8 +298,10 @@ def create_label_pyramid(
     return arrays
 
 
-def _check_store_path(path: Path) -> None:
-    """Refuse a path that is a file, or a folder holding anything but a store made here."""
+def check_store_path(path: str | os.PathLike) -> None:
+    """Refuse (`OptionError`) a path that is a file, a folder holding anything but a store made here,
+    or a place that cannot be written; checked before a long run, and again when the store is made."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise OptionError(f"The labels store {path} is a file: choose a folder path (e.g. {path}.zarr).")
     if path.is_dir() and any(path.iterdir()) and not _is_our_store(path):
@@ -309,6 +311,11 @@ def _check_store_path(path: Path) -> None:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(
+            f"Cannot write the labels store {path}: {parent} is a file. Choose a folder path, "
+            "or leave the path blank for a temporary folder."
+        )
     if not os.access(parent, os.W_OK):
         raise OptionError(
             f"Cannot write the labels store {path}: {parent} is not writable. Choose a folder you can write "
@@ -328,3 +335,19 @@ def _is_our_store(path: Path) -> bool:
                 return False
             return STORE_MARKER in text.get("attributes", text)
     return False
+
+
+def write_label_pyramid(
+    result: Any,
+    path: str | os.PathLike,
+    shapes: Sequence[tuple[int, int]],
+    values: Sequence[int] | np.ndarray | None = None,
+    name: str = "labels",
+) -> list[Any]:
+    """`result` as an OME-Zarr label pyramid at `path` (`create_label_pyramid`): level 0 pasted
+    block by block (`write_labels`, ids `values`), each coarser level taken from the one above it."""
+    levels = create_label_pyramid(path, shapes, name=name)
+    write_labels(result, levels[0], values)
+    for finer, coarser in zip(levels, levels[1:]):
+        downsample_labels(finer, coarser)
+    return levels

@@ -2,13 +2,19 @@
 
 No segmentation here: this module decides which axes of a layer are slices, channels and pixels,
 and turns a `SegmentationResult` / `StackResult` / `VideoResult` into an instance-id array plus a
-features table (one row per id) that napari shows in the status bar.
+features table (one row per id) that napari shows in the status bar, and, on request, a class
+array (one id per prompt) with its colours. A lazy layer (dask, zarr, multiscale) is handed to
+the core as it is; labels of a large image go to a zarr store on disk instead of memory.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,10 +37,23 @@ class LayerInput:
     labels_shape: tuple[int, ...]
     scale: tuple[float, ...]
     translate: tuple[float, ...]
+    levels: tuple[Any, ...] = ()
+    """The coarser levels of a multiscale layer (same layout as `data`), not read."""
 
     @property
     def is_stack(self) -> bool:
         return "Z" in self.axes or "T" in self.axes
+
+    @property
+    def lazy(self) -> bool:
+        """Pixels not in memory (dask, zarr) or a pyramid: segmented tile by tile when tiling is on."""
+        return bool(self.levels) or not isinstance(self.data, np.ndarray)
+
+    @property
+    def level_shapes(self) -> list[tuple[int, ...]]:
+        """The Labels shape at each level of the layer (one level unless it is multiscale)."""
+        keep = [i for i, a in enumerate(self.axes) if a != "C"]
+        return [self.labels_shape] + [tuple(int(level.shape[i]) for i in keep) for level in self.levels]
 
     def single_image(self) -> np.ndarray:
         """A 2D image as ``(Y, X)`` or channel-last ``(Y, X, C)``, the layout `segment` reads.
@@ -101,13 +120,18 @@ def guess_axes(layer: Any) -> str:
     )
 
 
-def layer_input(layer: Any, axes: str = "auto") -> LayerInput:
-    """Check `layer` against `axes` (``"auto"`` guesses) and describe the Labels layer to make."""
+def layer_input(layer: Any, axes: str = "auto", tiled: bool = False) -> LayerInput:
+    """Check `layer` against `axes` (``"auto"`` guesses) and describe the Labels layer to make.
+
+    A lazy 2D layer segmented `tiled` is read a tile at a time, so its full plane is not held to
+    the pixel budget; read whole (tiling off), it is, before any pixel is read.
+    """
     from napari.layers import Image
 
     if not isinstance(layer, Image):
         raise OptionError("Choose an image layer to segment (add one with File > Open or File > Open Sample).")
     data = layer.data[0] if layer.multiscale else layer.data
+    levels = tuple(layer.data[i] for i in range(1, len(layer.data))) if layer.multiscale else ()
     layout = guess_axes(layer) if axes in (None, "", "auto") else axes.upper()
     if len(layout) != len(data.shape) or layout not in AXES_CHOICES:
         raise OptionError(
@@ -119,14 +143,17 @@ def layer_input(layer: Any, axes: str = "auto") -> LayerInput:
     if data.shape[layout.index("Y")] < 2 or data.shape[layout.index("X")] < 2:
         raise OptionError(f"Layer {layer.name!r} of shape {tuple(data.shape)} has no 2D image to segment.")
     # before any pixel is read: a lazy or multiscale layer's full resolution may not fit in memory
-    check_pixel_budget(data.shape[layout.index("Y")], data.shape[layout.index("X")], None, f"layer {layer.name!r}")
+    read_in_tiles = tiled and (levels or not isinstance(data, np.ndarray)) and not set("ZT") & set(layout)
+    if not read_in_tiles:
+        check_pixel_budget(data.shape[layout.index("Y")], data.shape[layout.index("X")], None, f"layer {layer.name!r}")
     # layer.scale has one entry per layer dimension; an RGB layer's colour axis (last) has none,
     # so dropping C from the data axes gives the Labels axes and their positions in layer.scale.
     keep = [i for i, a in enumerate(layout) if a != "C"]
     scale = tuple(float(layer.scale[i]) for i in keep)
     translate = tuple(float(layer.translate[i]) for i in keep)
     labels_shape = tuple(int(data.shape[i]) for i in keep)
-    return LayerInput(data=data, axes=layout, labels_shape=labels_shape, scale=scale, translate=translate)
+    return LayerInput(data=data, axes=layout, labels_shape=labels_shape, scale=scale, translate=translate,
+                      levels=levels)
 
 
 def guess_axes_hint(ndim: int) -> str:
@@ -149,16 +176,86 @@ def parse_channels(text: str) -> tuple[int, ...] | None:
         raise OptionError(f"channels must be channel numbers such as '0, 2', got {text!r}.") from exc
 
 
-def labels_from_result(result: Any) -> tuple[np.ndarray, dict[str, list]]:
-    """Instance ids (``i + 1`` for instance ``i``) and one features row per id."""
-    labels = result.to_label_image(np.int32)
-    features = {
+def result_features(result: Any) -> dict[str, list]:
+    """One features row per instance id (``i + 1`` for instance ``i``)."""
+    return {
         "index": [i + 1 for i in range(len(result.instances))],
         "label": [inst.label for inst in result.instances],
         "score": [round(float(inst.score), 4) for inst in result.instances],
         "area": [inst.area for inst in result.instances],
     }
-    return labels, features
+
+
+@dataclass
+class ImageLabels:
+    """The Labels data of one image: arrays in memory, or zarr pyramids in `store` on disk."""
+
+    labels: Any
+    classes: Any = None
+    store: str | None = None
+
+
+def image_labels(result: Any, prompts: list[str], source: LayerInput, classes: bool, disk_pixels: int,
+                 store: str = "") -> ImageLabels:
+    """The instance (and, if asked, class) labels of `result`: in memory for an image of at most
+    `disk_pixels` pixels, else written block by block to OME-Zarr pyramids (one level per level of
+    the layer) under `store`, or a temporary folder removed when Python exits."""
+    from promptseg.large_images import class_ids, write_label_pyramid, write_labels
+
+    values = class_ids(result, prompts) if classes else None
+    if int(np.prod(source.labels_shape)) <= disk_pixels:
+        class_image = None
+        if classes:
+            class_image = np.zeros(source.labels_shape, np.int32)
+            write_labels(result, class_image, values)
+        return ImageLabels(result.to_label_image(np.int32), class_image)
+    folder = Path(store) if store else temporary_store()
+    shapes = source.level_shapes
+    labels = write_label_pyramid(result, folder / "instances", shapes, name="instances")
+    class_levels = write_label_pyramid(result, folder / "classes", shapes, values, name="classes") if classes else None
+    return ImageLabels(labels, class_levels, str(folder))
+
+
+def temporary_store() -> Path:
+    """A new folder for labels on disk, removed when Python exits."""
+    folder = Path(tempfile.mkdtemp(prefix="promptseg-labels-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def class_legend(prompts: list[str]) -> list[tuple[str, str]]:
+    """``(prompt, "#rrggbb")`` per prompt, class id = position + 1; colours from `promptseg.render`."""
+    from promptseg.render import instance_colors
+
+    return [(prompt, "#{:02x}{:02x}{:02x}".format(*map(int, color)))
+            for prompt, color in zip(prompts, instance_colors(len(prompts)))]
+
+
+def class_colormap(legend: list[tuple[str, str]]) -> Any:
+    """A napari colormap giving class id ``i + 1`` the legend's ``i``-th colour (0 transparent)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: "transparent", 0: "transparent"}
+    colors.update({index + 1: color for index, (_, color) in enumerate(legend)})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def classes_of(labels: np.ndarray, features: dict[str, list], prompts: list[str]) -> np.ndarray:
+    """Class ids (prompt position + 1) of an instance-id array, through its features table."""
+    lookup = np.zeros(max(features["index"], default=0) + 1, dtype=np.int32)
+    for index, label in zip(features["index"], features["label"]):
+        lookup[index] = prompts.index(label) + 1
+    return lookup[labels]
+
+
+def legend_html(legend: list[tuple[str, str]]) -> str:
+    """The legend as rich text: a colour swatch and the prompt, one class a line."""
+    return "<br>".join(f'<span style="color:{color}">&#9632;</span> {_escape(prompt)} ({index + 1})'
+                       for index, (prompt, color) in enumerate(legend))
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def labels_from_stack(stack: Any) -> tuple[np.ndarray, dict[str, list]]:

@@ -8,6 +8,12 @@ Cancel sets an event the core checks before each tile or slice. The segmenter co
 `promptseg.sessions.shared_segmenter` and is kept, so a second prompt on the same image skips the
 image encoder.
 
+A lazy 2D layer (dask, zarr, multiscale) segmented with tiling on is read one tile at a time by
+the core (`Segmenter.segment_large`), never whole; the labels of an image above 'labels on disk
+above' megapixels are written block by block to OME-Zarr on disk and shown from there (multiscale
+when the image is). 'class layer' adds a second Labels layer beside the instances: one id per
+prompt, one colour per class, with a legend in the widget.
+
 A z-stack or time series is segmented in one of three stack modes: each slice on its own, slices
 linked by mask overlap (`segment_stack`), or tracked with SAM 3's video model (`segment_video`),
 which follows each object through the slices; its progress and Cancel count frames.
@@ -20,7 +26,10 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from magicgui.widgets import (
     CheckBox,
@@ -38,6 +47,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
 from promptseg.errors import CancelledError, PromptsegError
+from promptseg.large_images import check_store_path
 from promptseg.options import SegmentOptions, option_info
 from promptseg.segmenter import default_model
 from promptseg.sessions import shared_segmenter
@@ -46,11 +56,16 @@ from promptseg_napari._layers import (
     AXES_CHOICES,
     LayerInput,
     check_trackable,
+    class_colormap,
+    class_legend,
+    classes_of,
     embedding_source,
-    labels_from_result,
+    image_labels,
     labels_from_stack,
     labels_from_video,
     layer_input,
+    legend_html,
+    result_features,
     parse_channels,
     parse_prompts,
     parse_score,
@@ -72,6 +87,9 @@ TRACK_IGNORES = ("smooth", "min_area", "tiling", "tile_size")
 """Form fields the video model does not use (it keeps and de-duplicates objects itself): disabled
 in track mode, and not passed to `segment_video`, which refuses them."""
 DEFAULT_TILE_SIZE = 1008  # what 'on' starts from: SAM 3's input size
+DISK_LABELS_MPX = 64
+"""Images above this many megapixels get their labels written to disk (zarr) instead of memory:
+64 M pixels is 256 MB of int32 labels (8192 x 8192)."""
 SOURCE_TEXT = {
     "computed": "computed (first time on this image)",
     "memory": "cached (memory): image encoder skipped",
@@ -93,6 +111,12 @@ class Job:
     keep: bool
     new_threshold: float | None = None
     """Track mode: the score a detection needs to start a new object (None: the model's own)."""
+    classes: bool = False
+    """Also make a class layer (one id per prompt)."""
+    disk_pixels: int = DISK_LABELS_MPX * 1_000_000
+    """Labels of a 2D image with more pixels than this go to a zarr store on disk."""
+    store: str = ""
+    """Folder of that store; blank: a temporary folder."""
 
 
 @dataclass
@@ -100,7 +124,12 @@ class Outcome:
     """What the worker hands back: labels and features, or why there are none."""
 
     labels: Any = None
+    """Instance ids: an array, or a list of zarr arrays (finest first) on disk."""
     features: dict[str, list] = field(default_factory=dict)
+    classes: Any = None
+    """Class ids (prompt position + 1) in the same form as `labels`, when asked for."""
+    store: str | None = None
+    """The folder holding the labels when they were written to disk."""
     source: str = ""
     seconds: float = 0.0
     model: dict[str, str] = field(default_factory=dict)
@@ -122,7 +151,7 @@ def run_job(job: Job, progress, cancel) -> Outcome:
     try:
         segmenter = shared_segmenter(job.model, device=job.device)
         start = time.perf_counter()
-        skipped = {}
+        skipped, store = {}, None
         if job.source.is_stack and job.mode == TRACK:
             # frames are read one at a time, so a lazy (dask, zarr) layer stays lazy
             result = segmenter.segment_video(
@@ -130,6 +159,7 @@ def run_job(job: Job, progress, cancel) -> Outcome:
                 progress=progress, cancel=cancel,
             )
             labels, features = labels_from_video(result)
+            classes = classes_of(labels, features, job.prompts) if job.classes else None
         elif job.source.is_stack:
             # a lazy (dask, zarr) layer is passed as it is: read one slice at a time
             result = segmenter.segment_stack(
@@ -137,20 +167,34 @@ def run_job(job: Job, progress, cancel) -> Outcome:
                 options=job.options, progress=progress, cancel=cancel,
             )
             labels, features = labels_from_stack(result)
+            classes = classes_of(labels, features, job.prompts) if job.classes else None
             skipped = result.errors
         else:
-            result = segmenter.segment(
-                job.source.single_image(), job.prompts, options=job.options, progress=progress, cancel=cancel
-            )
-            labels, features = labels_from_result(result)
+            result = segment_plane(segmenter, job, progress, cancel)
+            features = result_features(result)
+            written = image_labels(result, job.prompts, job.source, job.classes, job.disk_pixels, job.store)
+            labels, classes, store = written.labels, written.classes, written.store
         return Outcome(
             labels=labels, features=features, source=embedding_source(result),
             seconds=time.perf_counter() - start, model=segmenter.describe(), skipped=skipped,
+            classes=classes, store=store if not job.source.is_stack else None,
         )
     except CancelledError as exc:
         return Outcome(cancelled=True, error=str(exc))
     except PromptsegError as exc:
         return Outcome(error=str(exc))
+
+
+def segment_plane(segmenter: Any, job: Job, progress, cancel) -> Any:
+    """One 2D image: a lazy layer with tiling on is read tile by tile (`segment_large`, its coarser
+    levels used for the intensity scale); anything else is read whole."""
+    source = job.source
+    if source.lazy and job.options.tiling.tile is not None:
+        return segmenter.segment_large(
+            source.data, job.prompts, job.options, axes=source.axes, overview=source.levels,
+            progress=progress, cancel=cancel,
+        )
+    return segmenter.segment(source.single_image(), job.prompts, options=job.options, progress=progress, cancel=cancel)
 
 
 class SegmentWidget(Container):
@@ -194,6 +238,18 @@ class SegmentWidget(Container):
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.keep = CheckBox(text="keep previous result layers", value=False,
                              tooltip="Add a new Labels layer on each run instead of updating the last one.")
+        self.class_layer = CheckBox(text="class layer (one id per prompt)", value=False,
+                                    tooltip="Also add a Labels layer where every object of prompt i has id i + 1, "
+                                            "one colour per prompt (see the legend).")
+        self.disk_above = SpinBox(label="labels on disk above (Mpx)", min=0, max=10_000_000, value=DISK_LABELS_MPX,
+                                  tooltip="Images with more megapixels get their labels written block by block "
+                                          "to OME-Zarr on disk instead of memory (0: always).")
+        self.store = LineEdit(label="labels store", value="",
+                              tooltip="Folder for labels written to disk (OME-Zarr: instances/ and classes/). "
+                                      "Blank: a temporary folder removed when napari exits.")
+        self.legend = Label(label="classes", value="")
+        self.legend.visible = False
+        self.legend_entries: list[tuple[str, str]] = []
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
@@ -201,7 +257,8 @@ class SegmentWidget(Container):
         super().__init__(widgets=[
             self.image, self.axes, self.channels, self.prompts, self.threshold, self.smooth,
             self.min_area, self.tiling, self.tile_size, self.stack_mode, self.new_threshold, self.model, self.device,
-            self.keep, self.run_button, self.cancel_button, self.progress, self.status,
+            self.keep, self.class_layer, self.disk_above, self.store, self.run_button, self.cancel_button,
+            self.progress, self.status, self.legend,
         ])
         self.tiling.changed.connect(self._enable_fields)
         self.stack_mode.changed.connect(self._enable_fields)
@@ -265,7 +322,7 @@ class SegmentWidget(Container):
         layer = self.image.value
         if layer is None:
             raise OptionError("No image layer chosen: open an image (or File > Open Sample) and pick it in 'image'.")
-        source = layer_input(layer, self.axes.value)
+        source = layer_input(layer, self.axes.value, tiled=self.tiling.value != "off")
         prompts = parse_prompts(self.prompts.value)
         if not prompts:
             raise PromptError("Type what to segment in 'prompts', e.g. 'nucleus' or 'cell, nucleus'.")
@@ -276,8 +333,14 @@ class SegmentWidget(Container):
         if mode == TRACK:
             check_trackable(source, layer.name)
         new_threshold = parse_score(self.new_threshold.value, "new object score") if mode == TRACK else None
+        disk_pixels = int(self.disk_above.value) * 1_000_000
+        store = self.store.value.strip()
+        if store and not source.is_stack and int(np.prod(source.labels_shape)) > disk_pixels:
+            for kind in ("instances", "classes"):
+                check_store_path(Path(store) / kind)  # before a long run, not after it
         return Job(image=layer, source=source, prompts=prompts, model=model, device=self.device.value,
-                   options=self.segment_options(), mode=mode, keep=bool(self.keep.value), new_threshold=new_threshold)
+                   options=self.segment_options(), mode=mode, keep=bool(self.keep.value), new_threshold=new_threshold,
+                   classes=bool(self.class_layer.value), disk_pixels=disk_pixels, store=store)
 
     def segment_options(self) -> SegmentOptions:
         """The `SegmentOptions` the form's fields say (`WIDGET_OPTIONS`; the rest are the core's defaults).
@@ -375,34 +438,55 @@ class SegmentWidget(Container):
     # ---- results -------------------------------------------------------------------------
 
     def _show(self, job: Job, outcome: Outcome) -> Any:
-        """Put the labels in the viewer: update this image's last result layer, or add one."""
+        """Put the labels in the viewer (and the class layer, when asked); returns the instance layer."""
         import pandas as pd
 
-        features = pd.DataFrame(outcome.features)
         metadata = {"promptseg": {
             "source_layer": job.image.name, "prompts": job.prompts, "axes": job.source.axes,
             "embedding": outcome.source, "seconds": round(outcome.seconds, 3), **outcome.model,
         }}
         if job.source.is_stack:
             metadata["promptseg"]["stack_mode"] = job.mode
-        previous = self._outputs.get(id(job.image))
-        target = None
-        if previous is not None and previous[0]() is job.image and not job.keep:
-            layer = previous[1]
-            if layer in self._viewer.layers and layer.data.shape == outcome.labels.shape:
-                target = layer
-        if target is None:
-            target = self._viewer.add_labels(
-                outcome.labels, name=f"{job.image.name} segmentation", scale=job.source.scale,
-                translate=job.source.translate, features=features, metadata=metadata,
-            )
-        else:
-            target.data = outcome.labels
-            target.features = features
-            target.scale, target.translate = job.source.scale, job.source.translate
-            target.metadata.update(metadata)
-        self._outputs[id(job.image)] = (weakref.ref(job.image), target)
+        if outcome.store:
+            metadata["promptseg"]["store"] = outcome.store
+        target = self._put(job, "instances", outcome.labels, f"{job.image.name} segmentation",
+                           features=pd.DataFrame(outcome.features), metadata=metadata)
+        if outcome.classes is not None:
+            self.legend_entries = class_legend(job.prompts)
+            classes = pd.DataFrame({"index": list(range(1, len(job.prompts) + 1)), "label": job.prompts})
+            self._put(job, "classes", outcome.classes, f"{job.image.name} classes", features=classes,
+                      metadata=metadata, colormap=class_colormap(self.legend_entries))
+            self.legend.value = legend_html(self.legend_entries)
+            self.legend.visible = True
         return target
+
+    def _put(self, job: Job, kind: str, data: Any, name: str, **properties: Any) -> Any:
+        """Update this image's last `kind` layer in place, or add one (a zarr pyramid as a multiscale layer).
+
+        An in-memory layer of the same shape is updated; a layer on disk is replaced (unless kept)."""
+        previous = self._outputs.get((id(job.image), kind))
+        old = None
+        if previous is not None and previous[0]() is job.image and not job.keep and previous[1] in self._viewer.layers:
+            old = previous[1]
+        in_memory = isinstance(data, np.ndarray)
+        if old is not None and in_memory and not old.multiscale and isinstance(old.data, np.ndarray) \
+                and old.data.shape == data.shape:
+            old.data = data
+            old.features = properties["features"]
+            if "colormap" in properties:
+                old.colormap = properties["colormap"]
+            old.scale, old.translate = job.source.scale, job.source.translate
+            old.metadata.update(properties["metadata"])
+            layer = old
+        else:
+            if old is not None:
+                self._viewer.layers.remove(old)
+            if not in_memory:
+                data = data if len(data) > 1 else data[0]
+            layer = self._viewer.add_labels(data, name=name, scale=job.source.scale, translate=job.source.translate,
+                                            multiscale=not in_memory and isinstance(data, list), **properties)
+        self._outputs[(id(job.image), kind)] = (weakref.ref(job.image), layer)
+        return layer
 
 
 def _tip(info) -> str:
