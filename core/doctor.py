@@ -11,6 +11,13 @@ from pathlib import Path
 from promptseg.hub import hub_offline
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+# (what the user knows it as, the module that shows it is installed, the extra that installs it)
+HOSTS = (
+    ("FiftyOne", "fiftyone", "fiftyone"),
+    ("napari", "napari", "napari"),
+    ("Label Studio SDK", "label_studio_sdk", "labelstudio"),
+    ("quick-try page (Gradio)", "gradio", "app"),
+)
 
 
 def _line(status: str, what: str, detail: str = "") -> None:
@@ -33,10 +40,10 @@ def run_checks(model: str | None = None, out: Callable[[str, str, str], None] = 
     except ImportError as exc:
         out(FAIL, "transformers", f"{exc}: pip install 'promptseg'")
         healthy = False
-    for host, module in (("FiftyOne", "fiftyone"), ("napari", "napari"), ("Label Studio SDK", "label_studio_sdk")):
+    for host, module, extra in HOSTS:
         found = importlib.util.find_spec(module) is not None
         out(OK if found else WARN, f"{host} adapter", "host installed" if found else
-            f"host not installed (pip install 'promptseg[{module.split('_')[0]}]')")
+            f"host not installed (pip install 'promptseg[{extra}]')")
     from promptseg.plugins import registry
 
     out(OK, "backends", ", ".join(sorted(registry().segmenters)))

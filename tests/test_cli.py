@@ -84,6 +84,22 @@ def test_doctor_proves_the_install_without_weights(capsys):
     assert "[ ok ] end-to-end run" in out and "[FAIL]" not in out
 
 
+def test_doctor_names_the_extra_that_installs_a_missing_host(monkeypatch):
+    import importlib.util
+
+    from promptseg.doctor import run_checks
+
+    real_find_spec = importlib.util.find_spec
+    missing = {"label_studio_sdk", "gradio"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    lines = []
+    run_checks(out=lambda status, what, detail="": lines.append((status, what, detail)))
+    hosts = {what: (status, detail) for status, what, detail in lines if what.endswith(" adapter")}
+    assert hosts["Label Studio SDK adapter"] == ("warn", "host not installed (pip install 'promptseg[labelstudio]')")
+    assert hosts["quick-try page (Gradio) adapter"] == ("warn", "host not installed (pip install 'promptseg[app]')")
+    assert hosts["napari adapter"] == ("ok", "host installed")
+
+
 @pytest.mark.parametrize(
     ("model", "reason"),
     [("incomplete", "has a config.json but no model.safetensors"), ("not/a/hub/id", "is neither an existing file")],
