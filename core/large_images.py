@@ -36,8 +36,8 @@ SAMPLE_PIXELS = 4_000_000
 """Pixels read (at most) to estimate the intensity percentiles of a non-8-bit image."""
 SAMPLE_WINDOW = 256
 """Side of the windows read for that estimate when no coarse level is small enough."""
-BLOCK = 2048
-"""Side of the blocks labels are written in (rounded up to whole chunks of the output)."""
+BLOCK = 1024
+"""Side of the blocks labels are written in (rounded up to whole chunks of the output): 4 MB of int32."""
 STORE_MARKER = "promptseg"
 """Attribute that marks a label store made here (only such a store is overwritten)."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.errors import OptionError
+from promptseg.errors import ImageError, OptionError
 from promptseg.images import check_pixel_budget, read_array_like
 
 AXES_CHOICES = ("auto", "YX", "YXC", "CYX", "ZYX", "TYX", "ZYXC", "TYXC", "ZCYX", "TCYX")
@@ -145,7 +145,15 @@ def layer_input(layer: Any, axes: str = "auto", tiled: bool = False) -> LayerInp
     # before any pixel is read: a lazy or multiscale layer's full resolution may not fit in memory
     read_in_tiles = tiled and (levels or not isinstance(data, np.ndarray)) and not set("ZT") & set(layout)
     if not read_in_tiles:
-        check_pixel_budget(data.shape[layout.index("Y")], data.shape[layout.index("X")], None, f"layer {layer.name!r}")
+        try:
+            check_pixel_budget(data.shape[layout.index("Y")], data.shape[layout.index("X")], None,
+                               f"layer {layer.name!r}")
+        except ImageError as exc:
+            lazy_2d = (levels or not isinstance(data, np.ndarray)) and not set("ZT") & set(layout)
+            if not lazy_2d:
+                raise
+            raise ImageError(f"{exc} In this widget: set 'tiling' to 'on' or 'auto' to read the layer "
+                             "one tile at a time.") from None
     # layer.scale has one entry per layer dimension; an RGB layer's colour axis (last) has none,
     # so dropping C from the data axes gives the Labels axes and their positions in layer.scale.
     keep = [i for i, a in enumerate(layout) if a != "C"]

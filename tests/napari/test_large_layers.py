@@ -137,7 +137,9 @@ def test_a_labels_store_that_cannot_be_written_is_refused_before_the_run(viewer_
     assert "a-file.txt" in message and "choose a folder" in message.lower()
 
 
-def test_a_tiled_lazy_layer_over_the_pixel_budget_is_read_in_tiles(viewer_widget, run_widget, monkeypatch, tmp_path):
+def test_a_tiled_lazy_layer_over_the_pixel_budget_is_read_in_tiles(
+    viewer_widget, run_widget, notifications, monkeypatch, tmp_path
+):
     """The pixel budget guards whole reads; tile by tile, a lazy layer over it is segmented."""
     from promptseg.images import MAX_PIXELS_ENV
 
@@ -147,6 +149,7 @@ def test_a_tiled_lazy_layer_over_the_pixel_budget_is_read_in_tiles(viewer_widget
     viewer.add_image(levels, multiscale=True, name="big")
     widget.prompts.value = "cell"
     assert widget.run() is None, "tiling off: refused before reading"
+    assert any("set 'tiling' to 'on' or 'auto'" in m for m in _errors(notifications))
 
     widget.tiling.value = "on"
     widget.tile_size.value = 112
