@@ -177,7 +177,7 @@ def run_job(job: Job, progress, cancel) -> Outcome:
         return Outcome(
             labels=labels, features=features, source=embedding_source(result),
             seconds=time.perf_counter() - start, model=segmenter.describe(), skipped=skipped,
-            classes=classes, store=store if not job.source.is_stack else None,
+            classes=classes, store=store,
         )
     except CancelledError as exc:
         return Outcome(cancelled=True, error=str(exc))
