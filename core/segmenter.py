@@ -265,17 +265,17 @@ class Segmenter:
         enough to be seen whole) the image is read whole, within the pixel budget. Options are those
         of `segment`; the result is the same small instance form (cropped masks and boxes).
         """
-        from promptseg.large_images import LazyRGB
+        from promptseg.large_images import LazyRGB, check_layout
 
         options = _options(options, flat)
         query = self.query(prompts, options, exemplars, exemplar_labels)
+        axes = check_layout(image, axes)
+        size = (int(image.shape[axes.index("Y")]), int(image.shape[axes.index("X")]))
+        whole = resolve_tiling(options.tiling, size, self.backend.input_size) is None
+        if whole:  # before any pixel is read
+            check_pixel_budget(*size, self.max_pixels, f"of shape {tuple(image.shape)}")
         lazy = LazyRGB.open(image, axes, options.pixels.percentiles, options.pixels.channels, overview)
-        if resolve_tiling(options.tiling, lazy.shape[:2], self.backend.input_size) is None:
-            check_pixel_budget(*lazy.shape[:2], self.max_pixels, f"of shape {tuple(image.shape)}")
-            rgb = lazy[:, :]
-        else:
-            rgb = lazy
-        return self.segment_rgb(rgb, query, options, progress=progress, cancel=cancel)
+        return self.segment_rgb(lazy[:, :] if whole else lazy, query, options, progress=progress, cancel=cancel)
 
     def _segment_image(self, image, query: Query, options: SegmentOptions, progress=None, cancel=None):
         """load -> `segment_rgb`, the result named after its file when it has one."""

@@ -220,3 +220,20 @@ def test_class_ids_need_every_prompt():
     result = truth_segmenter(VOCAB).segment(render(labels, kinds), ["cell", "nucleus"], threshold=0.5)
     with pytest.raises(OptionError, match="have no prompt"):
         class_ids(result, ["cell"] if any(i.label == "nucleus" for i in result) else ["nucleus"])
+
+
+def test_untiled_a_lazy_image_over_the_pixel_budget_is_refused_before_any_read(monkeypatch):
+    from promptseg.images import MAX_PIXELS_ENV
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(100 * 100))
+    source = RecordingArray(np.zeros((300, 400), np.uint16))
+    segmenter = truth_segmenter(VOCAB)
+
+    with pytest.raises(ImageError, match=r"120,000 pixels.*tile="):
+        segmenter.segment_large(source, "cell", tile=None)
+
+    assert source.reads == []
+    labels, kinds = random_scene(90, 100, 6, seed=2)
+    small = RecordingArray(render(labels, kinds))
+    result = segmenter.segment_large(small, ["cell", "nucleus"], tile=None, threshold=0.5)
+    assert len(small.reads) == 1 and len(result) == len(kinds), "read whole, once, within the budget"
