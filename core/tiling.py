@@ -128,7 +128,8 @@ def segment_tiled(
     overlap, have IoU >= `merge_iou`. A joined object's score is the mean of its pieces' scores
     weighted by the pixels each piece contributes. `exemplars` are the checked ``(N, 4)`` pixel
     boxes and ``(N,)`` labels of the whole image. `progress(total, advance)` counts tiles and
-    `cancel()` is checked before each tile.
+    `cancel()` is checked before each tile. `rgb` is only ever sliced one tile at a time, so it may
+    be a lazy view (`promptseg.large_images.LazyRGB`) whose pixels are read as each tile runs.
     """
     cleanup = cleanup or CleanupOptions()
     height, width = rgb.shape[:2]
