@@ -284,7 +284,7 @@ def to_rgb8(
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"Image is empty: shape {array.shape}.")
     if array.ndim == 3:
-        array = _select_channels(array, channels)
+        array = select_channels(array, channels)
     if array.dtype == np.uint8:
         scaled = array
     else:
@@ -309,7 +309,7 @@ def _warn_channel_first(shape: tuple[int, ...], channels: tuple[int, ...] | None
     )
 
 
-def _select_channels(array: np.ndarray, channels: tuple[int, ...] | None) -> np.ndarray:
+def select_channels(array: np.ndarray, channels: tuple[int, ...] | None) -> np.ndarray:
     count = array.shape[2]
     if channels is None:
         if count == 4:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from promptseg.errors import ImageError, OptionError
-from promptseg.images import DEFAULT_PERCENTILES, _select_channels, intensity_limits, to_rgb8
+from promptseg.images import DEFAULT_PERCENTILES, select_channels, intensity_limits, to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def sample_limits(
         return None
     sample = _sample(array, axes, overview, budget)
     if sample.ndim == 3:
-        sample = _select_channels(sample, channels)
+        sample = select_channels(sample, channels)
     return intensity_limits(sample, percentiles, channel_axis=-1 if sample.ndim == 3 else None)
 
 
@@ -157,7 +157,7 @@ class LazyRGB:
         """Check `array`'s layout and channels, and estimate its intensity scale from a bounded sample."""
         axes = check_layout(array, axes, name)
         if "C" in axes:  # checked now, before any tile: to_rgb8 would only refuse them tile by tile
-            _select_channels(np.empty((1, 1, int(array.shape[axes.index("C")])), np.uint8), channels)
+            select_channels(np.empty((1, 1, int(array.shape[axes.index("C")])), np.uint8), channels)
         return cls(array, axes, sample_limits(array, axes, percentiles, channels, overview), channels, name)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
