@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from promptseg.errors import ImageError, OptionError
-from promptseg.images import DEFAULT_PERCENTILES, select_channels, intensity_limits, to_rgb8
+from promptseg.images import DEFAULT_PERCENTILES, intensity_limits, select_channels, to_rgb8
 
 logger = logging.getLogger(__name__)
 
