@@ -2,6 +2,7 @@
 
     python bench/labelstudio_backend.py [--model DIR] [--size 256] [--clients 4] [--requests 6]
     python bench/labelstudio_backend.py --health-under-load [--size 1000] [--threads 6]
+    python bench/labelstudio_backend.py --gunicorn [--clients 4] [--requests 48]
 
 Serves the real app with waitress on 127.0.0.1 (a free port) and talks to it over HTTP, as Label
 Studio does. Baselines are measured in the same run on the same segmenter:
@@ -14,6 +15,16 @@ Studio does. Baselines are measured in the same run on the same segmenter:
     --size image and the other prediction slots download from a host trickling a byte every
     0.1 s (more /predict requests than slots get 503), with the prediction slots of
     `promptseg labelstudio serve --threads N` and, for comparison, with no slots.
+  * --gunicorn: the container's own start command (the CMD of plugins/labelstudio/Dockerfile,
+    gunicorn with WORKERS=2 THREADS=4, the image's ENV) against, as the baseline, ``promptseg
+    labelstudio serve`` with WORKERS=1 THREADS=4 (waitress), each a server process of its own on
+    127.0.0.1: the same --requests batch /predict requests on fresh images from --clients
+    concurrent clients. Requests/s, median and p95 latency, the 503 answers (no prediction slot
+    free; the client asks again 0.1 s later, so every request is answered in the end), the peak
+    resident memory of each process, and the ratios gunicorn / waitress.
+    As Label Studio does when a backend is connected, /setup is sent first: it carries the
+    project's labeling config and its extra params (here the threshold the tiny model needs), and
+    with several workers the one that receives it shares it with the others through a folder.
 With no --model, a tiny random SAM 3 is built in a temp dir, so it runs in seconds.
 """
 
@@ -24,6 +35,7 @@ import io
 import logging
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "labelstudio"))  # lshelpers: the Dockerfile's CMD and ENV, server processes
 
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
           '<Label value="cat"/><Label value="dog"/></BrushLabels>'
@@ -205,17 +220,136 @@ def run_health_under_load(args, model_dir: str, work: Path) -> int:
     return 0
 
 
+def start_server(kind: str, model_dir: str, work: Path, workers: int, threads: int, images: Path):
+    """The container's CMD (``gunicorn``) or ``promptseg labelstudio serve`` (``waitress``) on 127.0.0.1,
+    in its own process group, with the image's ENV (its /data volume in `work`); returns (process, url, log)."""
+    from lshelpers import DOCKERFILE, dockerfile_env, exec_form, server_env, start
+
+    data = work / f"data-{kind}"
+    image_env = {k: v.replace("/data", str(data), 1) if v.startswith("/data/") else v for k, v in dockerfile_env().items()}
+    port = free_port()
+    env = server_env(**{**image_env, "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers),
+                        "THREADS": str(threads), "LOG_LEVEL": "INFO", "PROMPTSEG_MODEL": model_dir, "DEVICE": "cpu",
+                        "LOCAL_FILES_DOCUMENT_ROOT": str(images), "HOME": str(work), "HF_HUB_OFFLINE": "1"})
+    serve = [str(Path(sys.executable).with_name("promptseg")), "labelstudio", "serve"]  # the venv's script
+    command = exec_form(DOCKERFILE, "CMD") if kind == "gunicorn" else serve
+    log = work / f"{kind}.log"
+    return start(command, env, log), f"http://127.0.0.1:{port}", log
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, workers: int, seconds: float = 180) -> None:
+    """Until /health answers and every worker has loaded the model; RuntimeError with the log's tail if not."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            up = requests.get(f"{url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            up = False
+        if up and log.read_text().count("Loading shared segmenter") >= workers:  # one line per worker
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not serve within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def peak_rss(process: subprocess.Popen) -> dict[int, int]:
+    """Peak resident memory (VmHWM) of the server and of each of its child processes, by pid."""
+    import psutil
+
+    def hwm(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+    server = psutil.Process(process.pid)
+    return {p.pid: hwm(p.pid) for p in [server, *server.children(recursive=True)]}
+
+
+def load_run(url: str, names: list[str], clients: int) -> dict:
+    """/setup, a warm-up round, then `names` as batch /predict requests from `clients` concurrent clients."""
+    project = "1.1"
+    setup = requests.post(f"{url}/setup", json={"project": project, "schema": CONFIG, "extra_params": {"threshold": 0.0}},
+                          timeout=60)
+    setup.raise_for_status()
+
+    def ask(item: tuple[int, str]) -> tuple[float, int]:
+        """Seconds until the prediction came back (a 503 is asked again 0.1 s later), and the 503s met."""
+        index, name = item
+        body = {"tasks": [{"id": index, "data": {"image": name}}], "project": project, "label_config": CONFIG}
+        start, refused = time.perf_counter(), 0
+        while True:  # a new connection per request, so gunicorn's workers share them as the kernel hands them out
+            response = requests.post(f"{url}/predict", json=body, timeout=600)
+            if response.status_code != 503:
+                break
+            refused += 1
+            time.sleep(0.1)
+        response.raise_for_status()
+        result = response.json()["results"][0]
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        if not result["result"]:
+            raise RuntimeError("a prediction came back without regions: its worker did not get /setup's threshold")
+        return time.perf_counter() - start, refused
+
+    warm, timed_names = names[:clients], names[clients:]
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(ask, enumerate(warm)))  # first forwards in each worker, not timed
+        start = time.perf_counter()
+        answers = list(pool.map(ask, enumerate(timed_names, start=len(warm))))
+        wall = time.perf_counter() - start
+    latencies = [seconds for seconds, _ in answers]
+    return {"rate": len(answers) / wall, "refused": sum(refused for _, refused in answers),
+            "median": statistics.median(latencies), "p95": float(np.percentile(latencies, 95))}
+
+
+def run_gunicorn(args, model_dir: str, work: Path) -> int:
+    """The container's gunicorn (2 workers x 4 threads) vs ``promptseg labelstudio serve`` (waitress, 1 x 4)."""
+    from lshelpers import stop
+
+    count = args.clients + args.requests  # warm-up round + timed requests, fresh images for each server
+    images = make_images(work, 2 * count, args.size)
+    rows = {}
+    for offset, (kind, workers) in enumerate((("waitress", 1), ("gunicorn", 2))):
+        process, url, log = start_server(kind, model_dir, work, workers, 4, work)
+        try:
+            wait_until_serving(url, process, log, workers)
+            out = load_run(url, [p.name for p in images[offset * count:(offset + 1) * count]], args.clients)
+            out["rss"] = peak_rss(process)
+        finally:
+            stop(process)
+        rows[kind] = out
+    print(f"{args.requests} batch /predict requests (1 task, 2 labels, {args.size}x{args.size} fresh images) from "
+          f"{args.clients} concurrent clients, {Path(str(model_dir)).name}, 127.0.0.1")
+    print(f"{'server':<38}{'req/s':>7}{'median s':>10}{'p95 s':>8}{'503s':>6}  peak RSS per process (MiB)")
+    names = {"waitress": "serve WORKERS=1 THREADS=4 (waitress)", "gunicorn": "Dockerfile CMD WORKERS=2 THREADS=4"}
+    for kind, out in rows.items():
+        rss = " + ".join(f"{v / 1024**2:.0f}" for v in out["rss"].values())
+        print(f"{names[kind]:<38}{out['rate']:>7.2f}{out['median']:>10.3f}{out['p95']:>8.3f}{out['refused']:>6}  {rss}"
+              f" = {sum(out['rss'].values()) / 1024**2:.0f}")
+    g, w = rows["gunicorn"], rows["waitress"]
+    print(f"{'ratio gunicorn / waitress':<38}{g['rate'] / w['rate']:>7.2f}{g['median'] / w['median']:>10.2f}"
+          f"{g['p95'] / w['p95']:>8.2f}{'':>6}  {sum(g['rss'].values()) / sum(w['rss'].values()):.2f}")
+    print("latency: from the first try until the prediction came back; 503s: answers 'busy' (no prediction slot free), "
+          "each asked again 0.1 s later; RSS: the gunicorn master first, then its workers")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model dir or hub id (default: a tiny random SAM 3)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=6, help="requests per throughput run (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per throughput run (default: 6, or 48 with --gunicorn)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per latency figure (default: %(default)s)")
     parser.add_argument("--health-under-load", action="store_true",
                         help="measure /health and /setup latency during slow downloads and an inference")
     parser.add_argument("--threads", type=int, default=6, help="server threads for --health-under-load (default: %(default)s)")
+    parser.add_argument("--gunicorn", action="store_true",
+                        help="the container's gunicorn (2 workers) vs `promptseg labelstudio serve` (waitress), under load")
     args = parser.parse_args(argv)
+    if args.requests is None:
+        args.requests = 48 if args.gunicorn else 6
 
     from waitress.server import create_server
 
@@ -231,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(make_random_sam3(work / "tiny-sam3"))
     if args.health_under_load:
         return run_health_under_load(args, model_dir, work)
+    if args.gunicorn:
+        return run_gunicorn(args, model_dir, work)
     images = make_images(work, 3 * args.requests, args.size)
     config = BackendConfig(model=model_dir, device="cpu", threshold=0.0, document_root=work, cache_dir=work / "cache",
                            work_slots=args.clients)
