@@ -85,15 +85,22 @@ def whole(value: Any) -> Any:
 
 def form_options(
     threshold: float, mask_threshold: float, smooth: float, min_area: float, tiling: str, tile_size: float | None,
-    negative: str = "", verify: bool = False, clip_threshold: float | None = None, exclusive: bool = False,
+    negative: str | None = None, verify: bool | None = None, clip_threshold: float | None = None,
+    exclusive: bool | None = None,
 ) -> SegmentOptions:
-    """The `SegmentOptions` of the form (checked by the core; the rest keep their defaults)."""
+    """The `SegmentOptions` of the form (checked by the core). The CLIP fields are None where the
+    page does not show them (no ``--clip``): those options, like the rest, keep their defaults."""
     if tiling not in TILING:
         raise OptionError(f"Tiling must be one of {', '.join(TILING)}, got {tiling!r}.")
     tile = {"off": None, "auto": "auto", "on": whole(tile_size)}[tiling]
     flat = {"threshold": threshold, "mask_threshold": mask_threshold, "smooth": whole(smooth),
-            "min_area": whole(min_area), "tile": tile, "negative": tuple(split_phrases(negative)),
-            "verify": bool(verify), "exclusive": bool(exclusive)}
+            "min_area": whole(min_area), "tile": tile}
+    if negative is not None:
+        flat["negative"] = tuple(split_phrases(negative))
+    if verify is not None:
+        flat["verify"] = bool(verify)
+    if exclusive is not None:
+        flat["exclusive"] = bool(exclusive)
     if verify and clip_threshold is not None:
         flat["clip_threshold"] = clip_threshold
     return SegmentOptions.from_flat(**flat)
@@ -153,8 +160,9 @@ class QuickTry:
 
     def segment(
         self, image: str | None, prompts: str, threshold: float, mask_threshold: float, smooth: float,
-        min_area: float, tiling: str, tile_size: float | None, negative: str = "", verify: bool = False,
-        clip_threshold: float | None = None, exclusive: bool = False, report: Report | None = None,
+        min_area: float, tiling: str, tile_size: float | None, negative: str | None = None,
+        verify: bool | None = None, clip_threshold: float | None = None, exclusive: bool | None = None,
+        report: Report | None = None,
     ) -> RunOutcome:
         """Segment `image` with the form's prompts and options; every user mistake becomes a message."""
         try:
