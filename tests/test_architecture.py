@@ -37,8 +37,8 @@ PACKAGES = {
 CORE = "promptseg"
 ADAPTERS = ("promptseg_fiftyone", "promptseg_napari", "promptseg_labelstudio", "promptseg_app")
 HOSTS = (
-    "fiftyone", "napari", "magicgui", "qtpy", "PyQt5", "label_studio_sdk", "label_studio_ml", "flask",
-    "waitress", "gradio", *ADAPTERS,
+    "fiftyone", "napari", "magicgui", "qtpy", "PyQt5", "PyQt6", "PySide6", "label_studio_sdk", "label_studio_ml",
+    "flask", "waitress", "gunicorn", "gradio", *ADAPTERS,
 )
 
 
