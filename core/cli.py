@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import ipaddress
 import json
 import logging
 import os
@@ -205,6 +206,27 @@ def _number_or_words(kind: type, words: tuple[str, ...], flag: str):
             ) from None
 
     return parse
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535 (the servers' --port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def point_argument(text: str) -> tuple[float, float, int]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import ipaddress
 import logging
 
+from promptseg.cli import is_loopback, port_number
 from promptseg.errors import OptionError
 from promptseg.hookspecs import hookimpl
 
@@ -18,26 +18,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 INSTALL_HINT = 'pip install "promptseg[app]"'
 
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
-    return value
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def exposure_warning(host: str, port: int) -> str | None:

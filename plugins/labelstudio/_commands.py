@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from promptseg.cli import port_number
 from promptseg.hookspecs import hookimpl
 from promptseg.options import option_info
 from promptseg_labelstudio.serving import LOG_LEVELS, RESERVED_THREADS, work_slots_for  # noqa: F401 - their old home
@@ -13,16 +14,6 @@ logger = logging.getLogger(__name__)
 ENV_HELP = ("HOST, PORT, WORKERS, THREADS and LOG_LEVEL come from the environment too (flags win); "
             "WORKERS=1 serves with waitress, more with gunicorn's threaded workers, one model each.")
 
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
-    return value
 
 
 def positive_count(text: str) -> int:

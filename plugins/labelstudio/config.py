@@ -8,13 +8,13 @@ its default score threshold and the limits that keep a network service safe.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from promptseg.cli import is_loopback
 from promptseg.errors import OptionError
 from promptseg.options import SegmentOptions
 from promptseg_labelstudio.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, DownloadLimits
@@ -198,15 +198,6 @@ def env_flag(env, name: str) -> bool:
         raise OptionError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {value!r}.")
     return value in TRUE_WORDS
 
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def exposure_warning(host: str, config: BackendConfig) -> str | None:
