@@ -11,6 +11,7 @@ import flask  # noqa: F401
 import label_studio_sdk  # noqa: F401
 
 from lshelpers import THRESHOLD, make_image  # noqa: E402
+from standin import LiveBackend, StandInHost  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,41 @@ def make_app(ls_model):
 @pytest.fixture
 def client(make_app):
     return make_app().test_client()
+
+
+@pytest.fixture
+def standin():
+    """A stand-in host on 127.0.0.1 that records every request it gets (Label Studio, or a file host)."""
+    host = StandInHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def other_host():
+    """A second stand-in host: one the backend was not told about."""
+    host = StandInHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def serve_backend():
+    """`start(model, threads=4, **config_changes)`: the real app around `model`'s segmenter with its
+    config changed, served by waitress on 127.0.0.1; returns the URL. Every server stops in teardown."""
+    from dataclasses import replace
+
+    from promptseg_labelstudio.app import create_app
+    from promptseg_labelstudio.model import PromptsegMLBackend
+
+    servers = []
+
+    def start(model, threads: int = 4, **changes) -> str:
+        backend = PromptsegMLBackend(replace(model.config, **changes), segmenter=model.segmenter)
+        server = LiveBackend(create_app(backend), threads)
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.close()

@@ -15,33 +15,18 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from lshelpers import CONFIGS, free_port, stop
-from standin import LiveBackend, StandInHost, bomb_png, make_jwt, wait_until
+from standin import StandInHost, bomb_png, make_jwt, wait_until
 
 API_KEY = "operator-api-key-0123456789"
 SETUP_TOKEN = "token-sent-with-setup"
 UPLOAD = "/data/upload/1/cat.png"
 CONFIG = CONFIGS["brush"]
-
-
-@pytest.fixture
-def standin():
-    host = StandInHost()
-    yield host
-    host.close()
-
-
-@pytest.fixture
-def other_host():
-    host = StandInHost()
-    yield host
-    host.close()
 
 
 @pytest.fixture
@@ -52,22 +37,10 @@ def downloads(tmp_path) -> Path:
 
 
 @pytest.fixture
-def backend(ls_model, downloads):
+def backend(ls_model, downloads, serve_backend):
     """Start the real app on waitress with config `changes` (same segmenter); stopped in teardown."""
-    from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegMLBackend
-
-    servers = []
-
-    def start(threads: int = 4, **changes) -> str:
-        config = replace(ls_model.config, **{"download_dir": downloads, "download_timeout": 5.0, **changes})
-        server = LiveBackend(create_app(PromptsegMLBackend(config, segmenter=ls_model.segmenter)), threads)
-        servers.append(server)
-        return server.url
-
-    yield start
-    for server in servers:
-        server.close()
+    return lambda threads=4, **changes: serve_backend(
+        ls_model, threads, **{"download_dir": downloads, "download_timeout": 5.0, **changes})
 
 
 def predict(url: str, images: list[str], project: str = "1.1", config=CONFIG, **kwargs) -> list[dict]:

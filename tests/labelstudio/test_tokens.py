@@ -9,12 +9,11 @@ host. Legacy tokens (``Token ...``) are covered in test_hardening.py.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
 import requests
 from lshelpers import CONFIGS
-from standin import LiveBackend, StandInHost, make_jwt
+from standin import StandInHost, make_jwt
 
 UPLOAD = "/data/upload/1/cat.png"
 PROXY_PATH = "/storage-data/uploaded/?filepath=upload/1/cat.png"
@@ -22,37 +21,15 @@ REFRESH = "/api/token/refresh/"
 
 
 @pytest.fixture
-def label_studio():
-    host = StandInHost()
-    host.refresh_token = make_jwt("refresh", 3600)
-    yield host
-    host.close()
+def label_studio(standin):
+    standin.refresh_token = make_jwt("refresh", 3600)
+    return standin
 
 
 @pytest.fixture
-def other_host():
-    host = StandInHost()
-    yield host
-    host.close()
-
-
-@pytest.fixture
-def backend(ls_model, tmp_path):
+def backend(ls_model, tmp_path, serve_backend):
     """The real app on waitress with config `changes` (the session's segmenter); stopped in teardown."""
-    from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegMLBackend
-
-    servers = []
-
-    def start(**changes) -> str:
-        config = replace(ls_model.config, download_dir=tmp_path, download_timeout=5.0, **changes)
-        server = LiveBackend(create_app(PromptsegMLBackend(config, segmenter=ls_model.segmenter)))
-        servers.append(server)
-        return server.url
-
-    yield start
-    for server in servers:
-        server.close()
+    return lambda **changes: serve_backend(ls_model, download_dir=tmp_path, download_timeout=5.0, **changes)
 
 
 def predict(url: str, images: list[str]) -> list[dict]:

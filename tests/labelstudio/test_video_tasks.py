@@ -13,7 +13,6 @@ import requests
 import torch
 
 from lshelpers import VIDEO_CONFIG, VIDEO_FPS, VIDEO_THRESHOLD, write_mp4
-from standin import LiveBackend, StandInHost
 
 API_KEY = "operator-api-key-0123456789"
 FRAMES = 10
@@ -338,39 +337,16 @@ def test_bad_videos_fail_alone(video_model):
 # -- over HTTP: downloads only from the configured host, with the video limits ------------------------------
 
 @pytest.fixture
-def standin():
-    host = StandInHost()
-    yield host
-    host.close()
-
-
-@pytest.fixture
-def other_host():
-    host = StandInHost()
-    yield host
-    host.close()
-
-
-@pytest.fixture
-def live(video_model, tmp_path):
+def live(video_model, tmp_path, serve_backend):
     """Serve the real app on waitress with config `changes` (same segmenter); stopped in teardown."""
-    from promptseg_labelstudio.app import create_app
-    from promptseg_labelstudio.model import PromptsegMLBackend
-
-    servers = []
     downloads = tmp_path / "downloads"
     downloads.mkdir()
 
     def start(**changes) -> str:
-        config = replace(video_model.config, download_dir=downloads, document_root=None, **changes)
-        server = LiveBackend(create_app(PromptsegMLBackend(config, segmenter=video_model.segmenter)))
-        servers.append(server)
-        return server.url
+        return serve_backend(video_model, download_dir=downloads, document_root=None, **changes)
 
     start.downloads = downloads
-    yield start
-    for server in servers:
-        server.close()
+    return start
 
 
 def live_predict(url, videos, project="9.1"):
