@@ -15,20 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from napari_shot import grab, text_widget_on_nuclei, wait
+
 HERE = Path(__file__).resolve().parent
-
-
-def wait(widget, app, timeout: float = 600) -> None:
-    end = time.time() + timeout
-    while widget.running and time.time() < end:
-        app.processEvents()
-        time.sleep(0.02)
-    if widget.running:
-        raise SystemExit("the segmentation did not finish in time")
 
 
 def main() -> int:
@@ -38,28 +29,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "images" / "napari-widget.png")
     args = parser.parse_args()
 
-    import napari
-    from qtpy.QtWidgets import QApplication
-
-    model = args.model
-    threshold = 0.5
-    if not model:
-        from promptseg.testing import make_random_sam3
-
-        model = str(make_random_sam3(Path(tempfile.mkdtemp(prefix="promptseg-shot-")) / "tiny-sam3"))
-        threshold = 0.0  # the random model scores about 0.25
-    os.environ.setdefault("PROMPTSEG_CACHE_DIR", tempfile.mkdtemp(prefix="promptseg-shot-cache-"))
-
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1600, 950)
-    viewer.open_sample("promptseg", "nuclei")
-    _dock, widget = viewer.window.add_plugin_dock_widget("promptseg", "Segment by text")
-    app = QApplication.instance()
-    widget.model.value = model
-    widget.device.value = "cpu" if "cuda" not in sys.argv else "cuda"
-    widget.threshold.value = threshold
-    widget.min_area.value = 30
-    widget.smooth.value = 2
+    viewer, widget, app = text_widget_on_nuclei(args.model)
 
     widget.prompts.value = "nucleus"
     widget.run()
@@ -67,22 +37,10 @@ def main() -> int:
     widget.prompts.value = "nucleus, dividing cell"  # same image: the embedding comes from the cache
     widget.run()
     wait(widget, app)
-    if widget.last_outcome is None or widget.last_outcome.error:
-        raise SystemExit(f"segmentation failed: {widget.last_outcome and widget.last_outcome.error}")
 
     labels = viewer.layers[-1]
     labels.contour = 2  # outlines keep the image visible under the (arbitrary) random-model masks
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # e.g. napari's note about the Qt backend, unrelated to this plugin
-    viewer.layers.selection.active = labels
-    viewer.reset_view()
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.02)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False, flash=False)
+    grab(viewer, app, labels, args.out)
     print(f"wrote {args.out} ({widget.status.value.splitlines()[0]}; {widget.status.value.splitlines()[-1]})")
     viewer.close()
     return 0

@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from napari_shot import grab, wait
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,15 +35,6 @@ def time_lapse(frames: int = 12, height: int = 240, width: int = 320) -> np.ndar
         for y, x, radius, dx, dy in starts:
             video[t][disk((y + dy * t, x + dx * t), radius, shape=(height, width))] += 2500
     return video
-
-
-def wait(widget, app, timeout: float = 600) -> None:
-    end = time.time() + timeout
-    while widget.running and time.time() < end:
-        app.processEvents()
-        time.sleep(0.02)
-    if widget.running:
-        raise SystemExit("the tracking did not finish in time")
 
 
 def main() -> int:
@@ -82,24 +73,12 @@ def main() -> int:
     widget.new_threshold.value = new_object
     widget.prompts.value = "cell"
     widget.run()
-    wait(widget, app)
-    if widget.last_outcome is None or widget.last_outcome.error:
-        raise SystemExit(f"tracking failed: {widget.last_outcome and widget.last_outcome.error}")
+    wait(widget, app, what="tracking")
 
     labels = viewer.layers[-1]
     labels.opacity = 0.45  # the frame stays visible under the (arbitrary) random-model masks
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # e.g. napari's note about the Qt backend, unrelated to this plugin
-    viewer.layers.selection.active = labels
-    viewer.reset_view()
     viewer.dims.set_current_step(0, args.frame)
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.02)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False, flash=False)
+    grab(viewer, app, labels, args.out)
     print(f"wrote {args.out} ({widget.status.value.splitlines()[0]}; {len(labels.features)} tracks)")
     viewer.close()
     return 0
