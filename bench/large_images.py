@@ -213,30 +213,6 @@ LAZY_TILE = 1024
 LAZY_PROMPT = "nucleus"
 
 
-def slide_pixels(rows: np.ndarray, cols: np.ndarray, period: int = 700, radius: int = 160) -> np.ndarray:
-    """uint16 pixels of a synthetic slide at ``rows x cols``: bright nuclei on a regular grid (every
-    third one missing) over a dim background that varies a little."""
-    y, x = rows.astype(np.int32)[:, None], cols.astype(np.int32)[None, :]
-    dy, dx = (y % period) - period // 2, (x % period) - period // 2
-    inside = dy * dy + dx * dx < radius * radius
-    present = ((y // period) + 2 * (x // period)) % 3 != 0
-    background = 400 + ((y * 7 + x * 13) % 97)
-    return np.where(inside & present, 3500 + (x // period) % 5 * 50, background).astype(np.uint16)
-
-
-def write_slide(path: Path, size: int, chunk: int = LAZY_TILE):
-    """A ``size x size`` uint16 slide as a zarr array, written one chunk at a time: never whole in memory."""
-    import zarr
-
-    array = zarr.create_array(str(path), shape=(size, size), dtype=np.uint16, chunks=(chunk, chunk), fill_value=0)
-    for y0 in range(0, size, chunk):
-        rows = np.arange(y0, min(y0 + chunk, size))
-        for x0 in range(0, size, chunk):
-            cols = np.arange(x0, min(x0 + chunk, size))
-            array[y0 : y0 + len(rows), x0 : x0 + len(cols)] = slide_pixels(rows, cols)
-    return array
-
-
 def lazy_threshold(model_dir, slide) -> float:
     """Just under the tiny model's best score on one tile of the slide: each tile keeps its best detection."""
     middle = slide.shape[0] // 2
@@ -248,7 +224,7 @@ def lazy_threshold(model_dir, slide) -> float:
 def open_slide(args):
     import zarr
 
-    return zarr.open_array(str(Path(args.workdir) / "slide.zarr"), mode="r")
+    return zarr.open_group(str(Path(args.workdir) / "slide.zarr"), mode="r")["0"]
 
 
 def warm_on_tile(model_dir, threshold):
@@ -343,13 +319,14 @@ def main() -> int:
         print(json.dumps(CASES[args.case](args)))
         return 0
     from promptseg.testing import make_random_sam3
+    from promptseg.testing.slides import write_slide
 
     groups = args.only or list(GROUPS)
     rows, lazy_rows = [], []
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = make_random_sam3(Path(workdir) / "tiny-sam3")
         if "lazy" in groups:
-            slide = write_slide(Path(workdir) / "slide.zarr", args.lazy_size)
+            slide = write_slide(Path(workdir) / "slide.zarr", args.lazy_size, chunk=LAZY_TILE)[0]
             args.lazy_threshold = lazy_threshold(model_dir, slide)
             print(f"slide written: {args.lazy_size}^2 uint16 in zarr, threshold {args.lazy_threshold:.6f}", file=sys.stderr)
         for case in [case for group in GROUPS if group in groups for case in GROUPS[group]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_helpers import slide_pixels, write_slide
+from promptseg.testing.slides import slide_pixels, write_slide
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
