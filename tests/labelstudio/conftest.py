@@ -106,3 +106,17 @@ def serve_backend():
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Two small photos to upload to a real Label Studio server."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("upload")
+    paths = []
+    for seed in (0, 1):
+        path = folder / f"photo{seed}.png"
+        Image.fromarray(make_image(seed, size=(72, 96))).save(path)
+        paths.append(path)
+    return paths

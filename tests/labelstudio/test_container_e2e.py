@@ -30,7 +30,6 @@ from lshelpers import (
     dockerfile_env,
     exec_form,
     free_port,
-    make_image,
     model_loads,
     region_label,
     running_label_studio,
@@ -99,19 +98,6 @@ def container(label_studio, tiny_sam3_hub_dir, slow_host, tmp_path_factory):
                               embeddings=env["PROMPTSEG_CACHE_DIR"])
     finally:
         stop(process)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("upload")
-    paths = []
-    for seed in (0, 1):
-        path = folder / f"photo{seed}.png"
-        Image.fromarray(make_image(seed, size=(72, 96))).save(path)
-        paths.append(path)
-    return paths
 
 
 def worker_pids(process) -> set[int]:

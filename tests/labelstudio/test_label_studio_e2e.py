@@ -76,19 +76,6 @@ def backend(tiny_sam3_hub_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("upload")
-    paths = []
-    for seed in (0, 1):
-        path = folder / f"photo{seed}.png"
-        Image.fromarray(make_image(seed, size=(72, 96))).save(path)
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
 def core(tiny_sam3_hub_dir, tmp_path_factory):
     """The core on its own, for the reference masks, on the backend's embeddings."""
     import promptseg
