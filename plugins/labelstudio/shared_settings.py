@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ class SharedProjectSettings:
         self.folder = Path(folder)
 
     def _path(self, key: str) -> Path:
-        return self.folder / f"project-{key or 'default'}.json"
+        """The project's file: the key (from the request) quoted, so no key names a path outside `folder`."""
+        return self.folder / f"project-{quote(key or 'default', safe='')}.json"
 
     def write(self, key: str, inputs: dict) -> tuple[int, int]:
         """Store `inputs` for project `key`; returns the file's version for `read_if_changed`."""

@@ -220,3 +220,16 @@ def test_what_setup_tells_one_worker_every_worker_uses(ls_model, tmp_path):
     [stored] = tmp_path.glob("project-7.json")
     assert stored.stat().st_mode & 0o077 == 0  # it may hold a token: its owner's only
     assert SharedProjectSettings(tmp_path).read_if_changed("7", version(stored.stat())) is None
+
+
+def test_a_project_key_that_looks_like_a_path_stays_in_the_shared_folder(tmp_path):
+    """The project key comes from the request: it names one file inside the folder, whatever it holds."""
+    from promptseg_labelstudio.shared_settings import SharedProjectSettings
+
+    folder = tmp_path / "projects"
+    folder.mkdir()
+    shared = SharedProjectSettings(folder)
+    for key in ("a/b", "/etc/passwd", "..", "%2F"):
+        shared.write(key, {"extra_params": {"key": key}})
+        assert shared.read_if_changed(key, None)[1] == {"extra_params": {"key": key}}
+    assert sorted(path.parent for path in tmp_path.rglob("*.json")) == [folder] * 4
